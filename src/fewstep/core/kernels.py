@@ -20,8 +20,10 @@ def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_kernel(d2: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """``mean_j exp(-d2 / gamma_j)`` for squared distances ``d2 [n, m]`` and ``gammas [J]``."""
-    return torch.exp(-d2[..., None] / gammas).mean(-1)
+    """``mean_j exp(-d2 / gamma_j)`` for squared distances ``d2 [n, m]`` and ``gammas [J]``.
+
+    A loop over bandwidths keeps memory at O(n m), not O(n m J)."""
+    return sum(torch.exp(-d2 / g) for g in gammas) / len(gammas)
 
 
 def _offdiag_mean(K: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,330 @@
+"""Configuration: nested dataclasses, YAML presets, type-checked ``a.b=value`` overrides.
+
+Unknown keys are errors that suggest the nearest key (nanoGPT's rule); every field has a comment.
+Presets live in ``src/fewstep/configs/*.yaml`` and are frozen once published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fewstep.errors import ConfigError
+from fewstep.losses.dmd import DMDConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+# ---------------------------------------------------------------------------------------------
+# schema
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "ring8"          # ring8 | grid25 | digits8 | path to .npy/.npz/.json/.yaml/image folder
+    conditional: bool = False    # class-conditional teacher/student (needs labels or mixture components)
+
+
+@dataclass
+class ModelConfig:
+    type: str = "auto"           # auto (mlp for vectors, unet for images) | mlp | unet
+    hidden: int = 256            # MLP width
+    depth: int = 4               # MLP hidden layers
+    emb_dim: int = 64            # MLP noise-embedding size
+    channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # UNet block widths
+    layers_per_block: int = 1    # UNet resnets per block
+    sigma_data: float = 0.5      # EDM sigma_data (data std the preconditioning assumes)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3             # learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
+    eps: float = 1e-8            # Adam(W) epsilon
+    weight_decay: float = 0.0    # AdamW decoupled weight decay
+    grad_clip: float = 0.0       # clip global grad norm to this (0 = off)
+    warmup: int = 0              # linear LR warm-up iterations
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 4000            # optimisation steps
+    batch: int = 1024            # global batch size (fixed when the number of processes changes)
+    seed: int = 0                # run seed; every random draw derives from (seed, step, stream)
+    ema_halflife: float = 500.0  # EMA half-life in iterations (0 = no EMA)
+    ema_rampup: float = 0.05     # half-life ramp-up ratio (EDM): halflife <= rampup * step
+    log_every: int = 50          # iterations between metrics.jsonl lines
+    eval_every: int = 0          # iterations between in-training evaluations (0 = end only)
+    eval_n: int = 2500           # samples per in-training evaluation
+    ckpt_every: int = 1000       # iterations between resume checkpoints (0 = end only)
+    device: str = "auto"         # auto | cpu | cuda | mps
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "heun"        # heun | euler
+    nfe: int = 35                # network evaluations at evaluation time (Heun: 2N - 1)
+
+
+@dataclass
+class TeacherRunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
+class StudentConfig:
+    steps: int = 1               # k: network evaluations of the student
+    sigmas: list[float] = field(default_factory=list)  # explicit descending levels ([] = defaults)
+    init_sigma: float = 0.0      # 1-step input noise level (0 = sigma_max 80; DI uses 1.0, SiD 2.5)
+    rollout: str = "full"        # full (graph through all steps) | backsim (DMD2 backward simulation)
+    renoise: str = "fresh"       # fresh (x0 + sigma eps) | ddim (deterministic) between steps
+
+
+@dataclass
+class ScheduleConfig:
+    ratio: int = 5               # the generator updates once every `ratio` iterations (DMD2 TTUR)
+    gen_offset: int = 0          # ... at iterations with iteration % ratio == gen_offset
+    critic_on_gen_steps: bool = True  # the critic also updates on generator iterations
+    critic_first: bool = False   # order of the two updates within one iteration
+
+
+@dataclass
+class DistillTrainConfig(TrainConfig):
+    iters: int = 2000
+    batch: int = 256
+    ema_halflife: float = 0.0    # student EMA half-life in iterations (0 = none, as DMD2)
+    max_bad_steps: int = 20      # refused (NaN/Inf) steps before the run stops
+    eval_n: int = 2500
+
+
+@dataclass
+class DistillRunConfig:
+    teacher: str = ""            # teacher directory (fewstep run or diffusers save_pretrained)
+    method: str = "dmd"          # base: dmd | di | sid | cd | tfd | drift
+    extras: dict[str, float] = field(default_factory=dict)  # extra terms and weights, e.g. {el: 0.5}
+    data: DataConfig = field(default_factory=lambda: DataConfig(name=""))  # real data ("" = teacher's)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))  # student
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
+    disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
+    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+
+    def check(self) -> None:
+        from fewstep.losses import BASES, EXTRAS
+
+        if self.method not in BASES:
+            raise ConfigError(f"unknown method '{self.method}'; choose one of {', '.join(BASES)}")
+        for name, weight in self.extras.items():
+            if name not in EXTRAS:
+                near = difflib.get_close_matches(name, list(EXTRAS), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
+                raise ConfigError(f"unknown extra '{name}'{hint}")
+            if weight < 0:
+                raise ConfigError(f"extra weight {name}={weight} must be >= 0")
+        if self.student.rollout not in ("full", "backsim"):
+            raise ConfigError(f"student.rollout must be full or backsim, got '{self.student.rollout}'")
+        if self.student.renoise not in ("fresh", "ddim"):
+            raise ConfigError(f"student.renoise must be fresh or ddim, got '{self.student.renoise}'")
+        if self.student.sigmas and len(self.student.sigmas) != self.student.steps:
+            raise ConfigError(f"student.sigmas has {len(self.student.sigmas)} levels but "
+                              f"student.steps={self.student.steps}; give one level per step")
+        if self.schedule.gen_offset >= self.schedule.ratio:
+            raise ConfigError("schedule.gen_offset must be smaller than schedule.ratio")
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion between dicts and dataclasses, with type checks
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (for suggestions and documentation)."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str, root_cls) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(root_cls), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; run with --dry-run to see every key"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def from_dict(cls, d: dict, root_cls=None, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, type-checking every value."""
+    root_cls = root_cls or cls
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise _unknown(prefix + key, root_cls)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, root_cls, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(d: dict, key: str, value, root_cls):
+    parts = key.split(".")
+    cls, node = root_cls, d
+    for p in parts[:-1]:
+        hints = _hints(cls)
+        if p not in hints or not dataclasses.is_dataclass(hints[p]):
+            raise _unknown(key, root_cls)
+        cls = hints[p]
+        node = node.setdefault(p, {})
+    hints = _hints(cls)
+    last = parts[-1]
+    if last not in hints or dataclasses.is_dataclass(hints[last]):
+        raise _unknown(key, root_cls)
+    if typing.get_origin(hints[last]) is dict and isinstance(value, dict):
+        node[last] = {**node.get(last, {}), **value}
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``a.b=value`` -> ``("a.b", value)``; the value is parsed as YAML (``1e-3``, ``[1,2]``, ``true``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.iters=2000)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (``src/fewstep/configs/NAME.yaml``) or a YAML path, as a dict."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset '{name_or_path}'; available presets: {', '.join(names)}")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return d
+
+
+def resolve(cls, base: dict, overrides: list[str]):
+    """Apply dotted overrides to a preset dict and build + validate the config."""
+    d = yaml.safe_load(yaml.safe_dump(base)) or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(d, key, value, cls)
+    cfg = from_dict(cls, d)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# validation of impossible values
+# ---------------------------------------------------------------------------------------------
+_POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block", "eval_n", "nfe",
+             "lr", "sigma_data", "steps", "ratio", "max_bad_steps"}
+_NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup", "log_every",
+                 "eval_every", "ckpt_every", "eps", "init_sigma", "gen_offset", "min_step",
+                 "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch"}
+_CHOICES = {"model.type": {"auto", "mlp", "unet"}, "sample.sampler": {"heun", "euler"},
+            "train.device": {"auto", "cpu", "cuda", "mps"}}
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Reject impossible values with a one-line ConfigError naming the key."""
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        if f.name in _POSITIVE and isinstance(value, int | float) and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+        if f.name in _NON_NEGATIVE and isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {sorted(_CHOICES[key])}, got '{value}'")
+    extra = getattr(cfg, "check", None)
+    if callable(extra):
+        extra()
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

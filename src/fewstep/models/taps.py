@@ -1,0 +1,86 @@
+"""Forward hooks that return hidden states of a denoiser during its normal forward pass.
+
+Used by DMD2's GAN head and SiDA's discriminator (the fake network's bottleneck) and by
+Teacher-Feature Drifting (several teacher layers). Modules are addressed by dotted paths relative
+to the denoiser, e.g. ``net.blocks.1`` (MLP) or ``net.unet.mid_block`` (UNet2DModel).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fewstep.errors import ConfigError
+
+
+def raw_unet(D: nn.Module):
+    """The diffusers UNet2DModel inside one of our denoisers or an adapter, or None."""
+    for path in ("net.unet", "unet", "G.net.unet", "G.unet"):
+        try:
+            return D.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+def mlp_blocks(D: nn.Module):
+    for path in ("net.blocks", "G.net.blocks"):
+        try:
+            return D.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+def _prefix(D: nn.Module, module: nn.Module) -> str:
+    for name, m in D.named_modules():
+        if m is module:
+            return name
+    raise ConfigError("tap module is not part of the network")
+
+
+def bottleneck_path(D: nn.Module) -> str:
+    """The encoder output ("bottleneck") of a denoiser: UNet mid block or the MLP's middle layer."""
+    unet = raw_unet(D)
+    if unet is not None:
+        return _prefix(D, unet) + ".mid_block"
+    blocks = mlp_blocks(D)
+    if blocks is not None:
+        return f"{_prefix(D, blocks)}.{(len(blocks) - 1) // 2}"
+    raise ConfigError("cannot find a bottleneck in this network; name a tap module explicitly")
+
+
+def resolve_module(D: nn.Module, path: str) -> nn.Module:
+    try:
+        return D.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in D.named_modules() if n][:40]
+        raise ConfigError(f"no module '{path}' in the network; some names: {', '.join(names)}") from None
+
+
+@contextmanager
+def capture(D: nn.Module, paths: list[str]):
+    """Record the outputs of the modules at ``paths`` during forward passes of ``D``.
+
+    Yields a dict ``path -> tensor`` filled by the next forward call (the last call wins).
+    """
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for p in paths:
+        def hook(_m, _inp, out, p=p):
+            store[p] = out[0] if isinstance(out, tuple) else out
+        handles.append(resolve_module(D, p).register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_with_taps(D: nn.Module, x, sigma, cond, paths: list[str]):
+    """``(D(x, sigma, cond), {path: hidden state})``."""
+    with capture(D, paths) as store:
+        out = D(x, sigma, cond)
+    return out, dict(store)

@@ -1,0 +1,1 @@
+"""Pictures (sample grids, 2-D scatter plots, curves) and Markdown/HTML reports."""

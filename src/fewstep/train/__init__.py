@@ -1,0 +1,1 @@
+"""Training loops, checkpoints, EMA, randomness, logging and evaluation orchestration."""

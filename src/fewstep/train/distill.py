@@ -1,0 +1,430 @@
+"""The distillation engine: one base method plus weighted extras, update phases, TTUR, EMA,
+checkpoints, in-loop evaluation (DESIGN.md "Data flow of one distillation iteration").
+
+Per iteration: draw the real batch and the student noise for the global batch (sliced to this
+process), then run the generator and critic updates in the order and ratio of the schedule. The
+generator phase sums ``weight * loss.mean()`` over its terms; the critic phase (fake score and
+discriminator) likewise. Every term's value and, on logging steps, the norm of its gradient on
+the generator output are logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fewstep.config import DistillRunConfig, to_dict
+from fewstep.data import Dataset, load_dataset
+from fewstep.errors import FewstepError
+from fewstep.losses import BASES, EXTRAS
+from fewstep.losses.base import Batch, GenOut, Method, Nets
+from fewstep.models.io import load_teacher, save_model
+from fewstep.models.student import Student, default_sigmas
+from fewstep.models.taps import bottleneck_path, forward_with_taps
+from fewstep.train import checkpoint as ckpt
+from fewstep.train.device import resolve_device
+from fewstep.train.ema import ema_beta, ema_update
+from fewstep.train.rng import StepRandom
+from fewstep.train.rollout import rollout
+from fewstep.train.rundir import prepare_run_dir
+from fewstep.train.runlog import RunLog
+
+GEN, FAKE, DISC = "generator", "fake_score", "discriminator"
+
+
+@dataclass
+class Context:
+    """What a method's ``build`` may know about the run (no networks to own, no files)."""
+
+    sigma_data: float
+    shape: tuple
+    num_classes: int
+    kind: str
+    seed: int
+    iters: int
+    bottleneck_channels: int = 0
+    bottleneck_spatial: bool = False
+    teacher: torch.nn.Module | None = None
+
+
+@dataclass
+class Run:
+    cfg: DistillRunConfig
+    data: Dataset
+    nets: Nets
+    methods: list[Method]
+    weights: dict
+    opts: dict
+    ema: torch.nn.Module | None
+    device: torch.device
+    rollout_mode: str
+    ctx: Context | None = None
+    dp_detach: bool = True
+    step: int = 0
+    wall_s: float = 0.0
+    bad_steps: int = 0
+    history: dict = field(default_factory=dict)
+
+    def terms(self, phases) -> list:
+        return [t for m in self.methods for t in m.terms if t.phase in phases]
+
+
+# ---------------------------------------------------------------------------------------------
+# building the run
+# ---------------------------------------------------------------------------------------------
+def _probe_bottleneck(teacher, shape, device) -> tuple[int, bool]:
+    try:
+        path = bottleneck_path(teacher)
+    except FewstepError:
+        return 0, False
+    x = torch.zeros(2, *shape, device=device)
+    with torch.no_grad():
+        _, feats = forward_with_taps(teacher, x, torch.ones(2, device=device), None, [path])
+    h = feats[path]
+    return h.shape[1], h.ndim == 4
+
+
+def build_student(teacher, cfg: DistillRunConfig, boundary: bool) -> Student:
+    G = copy.deepcopy(teacher).requires_grad_(True)
+    if boundary:
+        if not hasattr(G, "boundary"):
+            raise FewstepError("consistency distillation needs an EDM-preconditioned teacher "
+                               "(a fewstep teacher); this teacher has no boundary parameterisation")
+        G.boundary = True
+    s = cfg.student
+    sigmas = list(s.sigmas) or default_sigmas(s.steps, float(getattr(teacher, "sigma_max", 80.0)))
+    if s.init_sigma > 0 and not s.sigmas:
+        sigmas[0] = s.init_sigma
+        if len(sigmas) > 1 and sigmas[1] >= s.init_sigma:
+            raise FewstepError(f"student.init_sigma={s.init_sigma} must exceed the next level "
+                               f"{sigmas[1]}; set student.sigmas explicitly")
+    return Student(G, sigmas, renoise=s.renoise)
+
+
+def _optimizer(params, o) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
+
+
+def build_run(cfg: DistillRunConfig, device) -> Run:
+    teacher, tmeta = load_teacher(cfg.teacher)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    data_name = cfg.data.name or tmeta.get("data", {}).get("name")
+    if not data_name:
+        raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
+    data = load_dataset(data_name, conditional=getattr(teacher, "num_classes", 0) > 0)
+    shape = tuple(tmeta.get("data", {}).get("shape") or data.shape)
+    if tuple(data.shape) != shape:
+        raise FewstepError(f"data '{data_name}' has samples of shape {tuple(data.shape)} but the "
+                           f"teacher makes {shape}; pass the teacher's data set")
+    ctx = Context(sigma_data=float(getattr(teacher, "sigma_data", 0.5)), shape=shape,
+                  num_classes=int(getattr(teacher, "num_classes", 0)), kind=data.kind,
+                  seed=cfg.train.seed, iters=cfg.train.iters, teacher=teacher)
+    ctx.bottleneck_channels, ctx.bottleneck_spatial = _probe_bottleneck(teacher, shape, device)
+    conf_cls, build, _ = BASES[cfg.method]
+    methods = [build(getattr(cfg, cfg.method), ctx)]
+    weights = {t.name: getattr(t, "weight", 1.0) for t in methods[0].terms}
+    for name, w in cfg.extras.items():
+        _, build_extra = EXTRAS[name]
+        m = build_extra(getattr(cfg, name), ctx, w)
+        methods.append(m)
+        weights.update({t.name: getattr(t, "weight", w) for t in m.terms})
+    run = _assemble(cfg, data, teacher, methods, weights, device)
+    run.ctx = ctx
+    return run
+
+
+def _assemble(cfg, data, teacher, methods, weights, device) -> Run:
+    base = methods[0]
+    student = build_student(teacher, cfg, base.boundary).to(device)
+    nets = Nets(teacher=teacher, student=student)
+    opts = {GEN: _optimizer(student.parameters(), cfg.optim)}
+    if base.needs_fake:
+        nets.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        opts[FAKE] = _optimizer(nets.fake.parameters(), cfg.fake_optim)
+    if base.needs_head is not None:
+        nets.head = base.needs_head.to(device)
+        opts[DISC] = _optimizer(nets.head.parameters(), cfg.disc_optim)
+    if base.needs_target:
+        nets.target = copy.deepcopy(student).requires_grad_(False)
+    modes = {m.rollout for m in methods if m.rollout}
+    mode = "dp" if "dp" in modes else cfg.student.rollout
+    dp_detach = all(getattr(m, "dp_detach", True) for m in methods)
+    ema = copy.deepcopy(student).requires_grad_(False) if cfg.train.ema_halflife > 0 else None
+    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach)
+
+
+# ---------------------------------------------------------------------------------------------
+# one iteration
+# ---------------------------------------------------------------------------------------------
+def _slice(t, lo, hi, device):
+    return None if t is None else t[lo:hi].to(device)
+
+
+def make_batch(run: Run, step: int, lo: int = 0, hi: int | None = None) -> Batch:
+    B = run.cfg.train.batch
+    rnd = StepRandom(run.cfg.train.seed, step, B, lo, hi, device=run.device)
+    real, labels = run.data.train_batch(B, rnd.generator("data"))
+    cond = labels if run.data.num_classes else None
+    z = rnd.randn("z", *run.data.shape)
+    real, cond = _slice(real, rnd.lo, rnd.hi, run.device), _slice(cond, rnd.lo, rnd.hi, run.device)
+
+    def draw_real(labels_or_n, stream):
+        return sample_real(run.data, labels_or_n, StepRandom(run.cfg.train.seed, step, 1)
+                           .generator(stream)).to(run.device)
+
+    return Batch(z=z, cond=cond, real=real, rnd=rnd, step=step, seed=run.cfg.train.seed,
+                 draw_real=draw_real)
+
+
+def sample_real(data: Dataset, labels_or_n, g: torch.Generator) -> torch.Tensor:
+    """Real training samples: ``n`` of them, or one per label in ``labels`` with that label."""
+    if isinstance(labels_or_n, int):
+        return data.train_batch(labels_or_n, g)[0]
+    labels = labels_or_n.cpu()
+    if data.mixture is not None:
+        return data.mixture.sample(len(labels), g, cond=labels)[0].float()
+    out = torch.empty(len(labels), *data.shape)
+    for c in labels.unique().tolist():
+        pool = (data.y_train == c).nonzero().flatten()
+        sel = labels == c
+        out[sel] = data.x_train[pool[torch.randint(len(pool), (int(sel.sum()),), generator=g)]]
+    return out
+
+
+def _set_trainable(run: Run, phase: str) -> None:
+    n = run.nets
+    n.student.requires_grad_(phase == GEN)
+    if n.fake is not None:
+        n.fake.requires_grad_(phase != GEN)
+    if n.head is not None:
+        n.head.requires_grad_(phase != GEN)
+
+
+def _phase_loss(run: Run, terms, batch, gen, grad_norms: bool) -> tuple[torch.Tensor, dict]:
+    total, logs = 0.0, {}
+    for term in terms:
+        out = term(run.nets, batch, gen)
+        w = run.weights.get(term.name, 1.0)
+        if hasattr(term, "calibrated_weight"):
+            w = term.calibrated_weight(run, batch, gen, out, total)
+            logs[f"{term.name}_lambda"] = float(w)
+        loss = w * out.loss.mean()
+        logs.update({k: float(v) for k, v in out.terms.items()})
+        logs[f"loss_{term.name}"] = float(loss.detach())
+        if not torch.isfinite(loss):
+            raise _BadStep(f"term '{term.name}' is {float(loss)}")
+        if grad_norms and gen is not None and gen.x is not None and gen.x.requires_grad:
+            (g,) = torch.autograd.grad(loss, gen.x, retain_graph=True, allow_unused=True)
+            logs[f"gradnorm_{term.name}"] = 0.0 if g is None else float(g.norm())
+        total = total + loss
+    return total, logs
+
+
+class _BadStep(Exception):
+    pass
+
+
+def _clip_and_check(params, max_norm: float, what: str) -> None:
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else 0
+    if not torch.isfinite(torch.as_tensor(norm)):
+        raise _BadStep(f"{what} gradient is not finite")
+
+
+def _lr(o, step):
+    return o.lr * (min(1.0, (step + 1) / o.warmup) if o.warmup else 1.0)
+
+
+def generator_update(run: Run, batch: Batch, log_norms: bool) -> tuple[GenOut | None, dict]:
+    _set_trainable(run, GEN)
+    terms = run.terms({GEN})
+    gen = None
+    if any(t.uses_sample for t in terms):
+        gen = rollout(run.nets.student, batch, run.rollout_mode, dp_detach=run.dp_detach)
+    total, logs = _phase_loss(run, terms, batch, gen, log_norms)
+    opt = run.opts[GEN]
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    _clip_and_check(run.nets.student.parameters(), run.cfg.optim.grad_clip, "generator")
+    for g in opt.param_groups:
+        g["lr"] = _lr(run.cfg.optim, run.step)
+    opt.step()
+    _after_generator_step(run)
+    return gen, logs
+
+
+def _after_generator_step(run: Run) -> None:
+    if run.ema is not None:
+        ema_update(run.ema, run.nets.student, ema_beta(run.step, run.cfg.train.ema_halflife,
+                                                       run.cfg.train.ema_rampup))
+    if run.nets.target is not None:
+        mu = getattr(run.methods[0], "target_mu", 0.0)
+        ema_update(run.nets.target, run.nets.student, mu)
+
+
+def critic_update(run: Run, batch: Batch, gen: GenOut | None) -> dict:
+    terms = run.terms({FAKE, DISC})
+    if not terms:
+        return {}
+    _set_trainable(run, FAKE)
+    if gen is None:
+        with torch.no_grad():
+            z = batch.rnd.randn("z_critic", *run.data.shape).to(batch.z)
+            gen = rollout(run.nets.student, batch, run.rollout_mode, z=z, dp_detach=run.dp_detach)
+    gen = GenOut(x=gen.x.detach(), x_T=gen.x_T.detach(), sigma=gen.sigma)
+    total, logs = _phase_loss(run, terms, batch, gen, False)
+    for name in (FAKE, DISC):
+        if name in run.opts:
+            run.opts[name].zero_grad(set_to_none=True)
+    total.backward()
+    for name, net, o in ((FAKE, run.nets.fake, run.cfg.fake_optim), (DISC, run.nets.head,
+                                                                       run.cfg.disc_optim)):
+        if name in run.opts:
+            _clip_and_check(net.parameters(), o.grad_clip, name)
+            for g in run.opts[name].param_groups:
+                g["lr"] = _lr(o, run.step)
+            run.opts[name].step()
+    return logs
+
+
+def is_generator_step(cfg: DistillRunConfig, step: int) -> bool:
+    return step % cfg.schedule.ratio == cfg.schedule.gen_offset
+
+
+def is_critic_step(cfg: DistillRunConfig, step: int) -> bool:
+    return cfg.schedule.critic_on_gen_steps or not is_generator_step(cfg, step)
+
+
+def train_iteration(run: Run, log_norms: bool = False) -> dict:
+    """One iteration (generator and/or critic update per the schedule); returns logged values."""
+    cfg, step = run.cfg, run.step
+    batch = make_batch(run, step)
+    logs, gen = {}, None
+    order = ("critic", "gen") if cfg.schedule.critic_first else ("gen", "critic")
+    try:
+        for phase in order:
+            if phase == "gen" and is_generator_step(cfg, step):
+                gen, gl = generator_update(run, batch, log_norms)
+                logs.update(gl)
+            elif phase == "critic" and is_critic_step(cfg, step):
+                logs.update(critic_update(run, batch, gen))
+    except _BadStep as e:  # checks run before each optimiser step, so nothing was applied
+        run.bad_steps += 1
+        logs = {"refused_step": str(e)}
+        if run.bad_steps > cfg.train.max_bad_steps:
+            raise FewstepError(f"stopped after {run.bad_steps} refused steps (last: {e}); the last "
+                               "good checkpoint is intact — lower the learning rates") from None
+    run.step += 1
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop, checkpoints, export
+# ---------------------------------------------------------------------------------------------
+def run_state(run: Run) -> dict:
+    """Everything needed to continue exactly (DESIGN.md convention 7)."""
+    n = run.nets
+    state = {"step": run.step, "wall_s": run.wall_s, "bad_steps": run.bad_steps,
+             "student": n.student.state_dict(), "rng": ckpt.rng_state(),
+             "opts": {k: o.state_dict() for k, o in run.opts.items()},
+             "terms": {t.name: t.state_dict() for m in run.methods for t in m.terms
+                       if hasattr(t, "state_dict")}}
+    for name in ("fake", "head", "target"):
+        if getattr(n, name) is not None:
+            state[name] = getattr(n, name).state_dict()
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
+    return state
+
+
+def load_run_state(run: Run, s: dict) -> None:
+    n = run.nets
+    n.student.load_state_dict(s["student"])
+    for name in ("fake", "head", "target"):
+        if getattr(n, name) is not None:
+            getattr(n, name).load_state_dict(s[name])
+    if run.ema is not None:
+        run.ema.load_state_dict(s["ema"])
+    for k, o in run.opts.items():
+        o.load_state_dict(s["opts"][k])
+    for m in run.methods:
+        for t in m.terms:
+            if hasattr(t, "load_state_dict") and t.name in s.get("terms", {}):
+                t.load_state_dict(s["terms"][t.name])
+    run.step, run.wall_s, run.bad_steps = s["step"], s["wall_s"], s["bad_steps"]
+    ckpt.set_rng_state(s["rng"])
+
+
+def _setup_methods(run: Run) -> None:
+    """One-time precomputation some terms need (e.g. DMD v1 regression pairs)."""
+    for m in run.methods:
+        for t in m.terms:
+            if hasattr(t, "setup"):
+                t.setup(run.nets, run.ctx)
+
+
+def export_model(run: Run, out: Path) -> None:
+    from fewstep.models.io import student_spec
+
+    model = run.ema if run.ema is not None else run.nets.student
+    spec, meta = student_spec(run, model)
+    save_model(out, model.G, spec, meta)
+
+
+def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:
+    out = Path(out)
+    device = resolve_device(cfg.train.device)
+    run = build_run(cfg, device)
+    status = prepare_run_dir(out, to_dict(cfg))
+    if status == "done":
+        print(f"{out} already holds the finished student; nothing to do")
+        return out
+    log = RunLog(out)
+    _setup_methods(run)
+    if status == "resume":
+        load_run_state(run, ckpt.load_latest(out / "checkpoints", map_location=device))
+        log.resume_from(run.step)
+    _loop(run, out, log, evaluate, progress)
+    export_model(run, out)
+    log.close()
+    return out
+
+
+def _loop(run: Run, out: Path, log: RunLog, evaluate, progress: bool) -> None:
+    t = run.cfg.train
+    bar = tqdm(total=t.iters, initial=run.step, desc=f"distill {run.cfg.method}",
+               disable=not progress, dynamic_ncols=True)
+    acc: dict[str, list] = {}
+    t0 = time.perf_counter() - run.wall_s
+    while run.step < t.iters:
+        logs = train_iteration(run, log_norms=(run.step + 1) % t.log_every == 0)
+        run.wall_s = time.perf_counter() - t0
+        for k, v in logs.items():
+            acc.setdefault(k, []).append(v)
+        bar.update(1)
+        step = run.step
+        if step % t.log_every == 0 or step == t.iters:
+            rec = {k: (v[-1] if isinstance(v[-1], str) else sum(v) / len(v)) for k, v in acc.items()}
+            log.log({"iteration": step, "wall_s": round(run.wall_s, 3), **rec})
+            acc.clear()
+        if evaluate and t.eval_every and step % t.eval_every == 0 and step < t.iters:
+            log.log({"iteration": step, "wall_s": round(run.wall_s, 3), **evaluate(_eval_model(run), step)})
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.iters:
+            ckpt.save_checkpoint(out / "checkpoints", step, run_state(run))
+    bar.close()
+    if evaluate:
+        log.log({"iteration": run.step, "wall_s": round(run.wall_s, 3),
+                 **evaluate(_eval_model(run), run.step)})
+
+
+def _eval_model(run: Run):
+    return run.ema if run.ema is not None else run.nets.student

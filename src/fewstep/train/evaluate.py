@@ -1,0 +1,201 @@
+"""Evaluation orchestration: sample, extract features, compute metrics next to their floors.
+
+Pure statistics live in ``fewstep.metrics``; feature extractors in ``fewstep.metrics.features``.
+Floors (BENCHMARKS.md) are the same metric between two independent real sets of the evaluated
+size, over ``FLOOR_DRAWS`` fixed draws: ``mmd_floor`` = mean + 2 std (a threshold for an unbiased
+estimator centred on 0); every other ``*_floor`` is the plain mean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fewstep import metrics as M
+from fewstep.data import Dataset, load_dataset
+from fewstep.errors import FewstepError
+from fewstep.train.rng import generator
+
+FLOOR_DRAWS = 10
+MIXTURE_N = 2500
+MMD_REF_N = 2000
+
+
+@dataclass
+class MetricSpace:
+    """How one data set is measured: its feature map and real sets for comparison and floors."""
+
+    data: Dataset
+    features: callable
+    name: str
+
+    def real_pair(self, n: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint real sets of size ``n`` for floor draw ``i`` (train subset vs test for
+        finite data; two fresh draws for mixtures)."""
+        g = generator("floor", self.data.name, n, i)
+        if self.data.mixture is not None:
+            return self.data.test_samples(n, g)[0], self.data.test_samples(n, g)[0]
+        return self.data.train_samples(n, g)[0], self.data.test_samples(n, g)[0]
+
+    def reference(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The real set generated samples are compared with (test split or fresh mixture draws)."""
+        return self.data.test_samples(n, generator("reference", self.data.name, n))
+
+
+def metric_space(data: Dataset) -> MetricSpace:
+    from fewstep.metrics import features as F
+
+    if data.name == "digits8":
+        return MetricSpace(data, F.digits_features, "digits feature network (128-d)")
+    if data.kind == "vector":
+        return MetricSpace(data, F.identity_features, "raw coordinates")
+    return MetricSpace(data, F.identity_features, "raw pixels")
+
+
+def default_n(data: Dataset) -> int:
+    if data.mixture is not None:
+        return MIXTURE_N
+    return len(data.x_test)
+
+
+_GAMMAS: dict[str, torch.Tensor] = {}
+_FLOORS: dict[tuple[str, int], dict] = {}
+
+
+def _gammas(space: MetricSpace) -> torch.Tensor:
+    """MMD bandwidths frozen from a fixed real reference set of the data (metrics.md section 7)."""
+    key = space.data.name
+    if key not in _GAMMAS:
+        ref = space.data.train_samples(MMD_REF_N, generator("mmd-bandwidth", key))[0]
+        _GAMMAS[key] = M.mmd_gammas(space.features(ref).double())
+    return _GAMMAS[key]
+
+
+def feature_metrics(space: MetricSpace, real_f: torch.Tensor, fake_f: torch.Tensor,
+                    fake_labels=None) -> dict:
+    """All metrics between real and generated features ``[n, d]`` (float64)."""
+    out = {"fd": M.fd(real_f, fake_f), "mmd": M.mmd(real_f, fake_f, _gammas(space))}
+    out["precision"], out["recall"] = M.precision_recall(real_f, fake_f, k=3)
+    out["density"], out["coverage"] = M.density_coverage(real_f, fake_f, k=5)
+    if space.data.kind == "image":
+        out["kid"] = M.kid(real_f, fake_f, generator=generator("kid"))
+        out["diversity"] = M.diversity(fake_f, fake_labels)
+    return out
+
+
+def floors(space: MetricSpace, n: int) -> dict:
+    """Real-vs-real floors at sample size ``n`` (cached per data set and size)."""
+    if space.data.mixture is None and n > min(len(space.data.x_test), len(space.data.x_train)):
+        return {}
+    key = (space.data.name, n)
+    if key not in _FLOORS:
+        draws = []
+        for i in range(FLOOR_DRAWS):
+            a, b = space.real_pair(n, i)
+            draws.append(feature_metrics(space, space.features(a).double(), space.features(b).double()))
+        out = {}
+        for name in draws[0]:
+            if name == "diversity":
+                continue
+            vals = torch.tensor([d[name] for d in draws], dtype=torch.float64)
+            out[f"{name}_floor"] = float(vals.mean() + 2 * vals.std()) if name == "mmd" else \
+                float(vals.mean())
+        _FLOORS[key] = out
+    return _FLOORS[key]
+
+
+def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors: bool = True) -> dict:
+    """Metrics of generated samples ``x [n, *shape]`` against the reference real set."""
+    n = len(x)
+    real, _ = space.reference(n)
+    if len(real) < n:
+        raise FewstepError(f"only {len(real)} real test samples; evaluate with --n {len(real)} or fewer")
+    out = feature_metrics(space, space.features(real).double(), space.features(x).double(), labels)
+    if space.data.mixture is not None:
+        mix = space.data.mixture
+        out.update(M.mode_metrics(x.double(), mix.means, mix.mode_stds, mix.weights))
+    if with_floors:
+        out.update(floors(space, n))
+    out["n_samples"] = n
+    return out
+
+
+def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fid=False,
+                   device="auto") -> dict:
+    """``fewstep eval``: sample a teacher/student, then score it with floors and throughput."""
+    from fewstep.train.device import resolve_device
+    from fewstep.train.generate import load_generator
+
+    device = resolve_device(device)
+    gen = load_generator(path, device)
+    data_name = data or gen.meta.get("data", {}).get("name")
+    if not data_name:
+        raise FewstepError("this model does not record its data set; pass --data NAME|PATH")
+    dataset = load_dataset(data_name, conditional=gen.num_classes > 0)
+    space = metric_space(dataset)
+    n = n or default_n(dataset)
+    gen.sample(min(n, 16), seed=seed + 999, nfe=nfe, sampler=sampler, device=device)  # warm-up
+    t0 = time.perf_counter()
+    x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=device)
+    sample_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = score_samples(space, x, y)
+    if fid:
+        out.update(fid_metrics(space, x))
+    out.update({"nfe": gen.nfe(nfe, sampler), "samples_per_sec": n / sample_s,
+                "sample_s": round(sample_s, 3), "eval_s": round(time.perf_counter() - t0, 3),
+                "metric_space": space.name, "data": data_name, "model": str(path)})
+    return out
+
+
+def fid_metrics(space: MetricSpace, x: torch.Tensor) -> dict:
+    """Standard-protocol Inception FID (images only; slow on CPU)."""
+    from fewstep.metrics import features as F
+
+    if space.data.kind != "image":
+        return {}
+    real, _ = space.reference(len(x))
+    return {"fid": M.fd(F.inception_features(real).double(), F.inception_features(x).double())}
+
+
+def in_training_evaluator(cfg):
+    """Evaluation on a fixed noise batch for the training loops (``train.eval_n`` samples)."""
+    from fewstep.train.generate import Generator
+
+    def evaluate(model, step: int) -> dict:
+        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional)
+        space = metric_space(data)
+        n = min(cfg.train.eval_n, default_n(data))
+        role = "student" if hasattr(model, "num_steps") else "teacher"
+        gen = Generator(model=model, meta={"data": {"shape": list(data.shape)}, "nfe":
+                                           cfg.sample.nfe}, role=role)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        x, y = gen.sample(n, seed=cfg.train.seed + 10_000, sampler=cfg.sample.sampler, device=device)
+        model.train(was_training)
+        return {k: v for k, v in score_samples(space, x, y).items()}
+
+    return evaluate
+
+
+_ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "kid", "kid_floor", "mmd", "mmd_floor",
+          "precision", "precision_floor", "recall", "recall_floor", "density", "density_floor",
+          "coverage", "coverage_floor", "diversity", "modes_covered", "modes_covered_any",
+          "modes_total", "hq_rate", "mode_mass_tv", "samples_per_sec", "sample_s", "eval_s"]
+
+
+def format_table(metrics: dict) -> str:
+    """A two-column terminal table with each metric next to its floor."""
+    rows = []
+    for key in _ORDER:
+        if key in metrics and not key.endswith("_floor"):
+            v = metrics[key]
+            floor = metrics.get(f"{key}_floor")
+            val = f"{v:.5g}" if isinstance(v, float) else str(v)
+            rows.append((key, val, "" if floor is None else f"floor {floor:.5g}"))
+    width = max(len(r[0]) for r in rows)
+    head = f"{metrics.get('model', '')}  [{metrics.get('metric_space', '')}]"
+    return "\n".join([head] + [f"  {k:<{width}}  {v:>12}  {f}" for k, v, f in rows])

@@ -1,0 +1,101 @@
+"""Sampling from any model directory: our teachers (any sampler/NFE), students, foreign teachers."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fewstep.core.sampling import SAMPLERS, karras_sigmas, sampler_nfe, steps_for_nfe
+from fewstep.errors import FewstepError
+
+
+@dataclass
+class Generator:
+    """A loaded model that can draw samples: a teacher (ODE sampler) or a k-step student."""
+
+    model: torch.nn.Module
+    meta: dict = field(default_factory=dict)
+    role: str = "teacher"
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.meta.get("data", {}).get("shape", ()))
+
+    def default_nfe(self) -> int:
+        if self.role == "student":
+            return self.model.num_steps
+        return int(self.meta.get("nfe", 35))
+
+    def labels(self, n: int, device) -> torch.Tensor | None:
+        """Balanced class labels ``arange(n) % C`` for conditional models, else None."""
+        return torch.arange(n, device=device) % self.num_classes if self.num_classes else None
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, nfe: int | None = None, sampler: str = "heun",
+               batch: int = 256, device="cpu", labels: torch.Tensor | None = None,
+               progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` samples ``[n, *shape]`` (float32, CPU) and their labels. The noise comes from one
+        generator seeded by ``seed``, so results do not depend on ``batch``."""
+        if not self.shape:
+            raise FewstepError("model.json does not record the data shape; pass a fewstep model dir")
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, *self.shape, generator=g)
+        labels = self.labels(n, "cpu") if labels is None else labels
+        out = []
+        for i in range(0, n, batch):
+            zb = z[i:i + batch].to(device)
+            yb = None if labels is None else labels[i:i + batch].to(device)
+            out.append(self._sample_batch(zb, yb, nfe, sampler, seed + i).float().cpu())
+            if progress:
+                progress(len(zb))
+        return torch.cat(out), labels
+
+    def _sample_batch(self, z, y, nfe, sampler, seed):
+        if self.role == "student":
+            if nfe not in (None, self.model.num_steps):
+                raise FewstepError(f"this student samples in {self.model.num_steps} steps; "
+                                   f"omit --nfe or pass --nfe {self.model.num_steps}")
+            return self.model.sample(z, y, generator=torch.Generator().manual_seed(seed))
+        nfe = nfe or self.default_nfe()
+        steps = steps_for_nfe(sampler, nfe)
+        sigmas = teacher_sigmas(self.model, steps).to(z.device)
+        return SAMPLERS[sampler](self.model, z.double() * sigmas[0], sigmas, y)
+
+    def nfe(self, nfe: int | None, sampler: str) -> int:
+        if self.role == "student":
+            return self.model.num_steps
+        return sampler_nfe(sampler, steps_for_nfe(sampler, nfe or self.default_nfe()))
+
+
+def teacher_sigmas(model, steps: int) -> torch.Tensor:
+    """EDM grid clamped to the model's native range (foreign teachers have a finite table)."""
+    lo = max(0.002, float(getattr(model, "sigma_min", 0.0) or 0.0))
+    hi = min(80.0, float(getattr(model, "sigma_max", math.inf) or math.inf))
+    return karras_sigmas(steps, sigma_min=lo, sigma_max=hi)
+
+
+def load_generator(path: str | Path, device="cpu") -> Generator:
+    """Load a run directory (teacher or student) or a diffusers directory for sampling."""
+    from fewstep.models.io import load_teacher
+
+    model, meta = load_teacher(path)
+    model = model.to(device).eval().requires_grad_(False)
+    role = meta.get("role", "teacher")
+    return Generator(model=model, meta=meta, role=role)
+
+
+def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: int = 2) -> float:
+    """Samples per second at ``batch`` after one warm-up batch (BENCHMARKS.md samples_per_sec)."""
+    gen.sample(min(batch, 32), seed=12345, nfe=nfe, sampler=sampler, batch=batch, device=device)
+    t0 = time.perf_counter()
+    for r in range(repeats):
+        gen.sample(batch, seed=r, nfe=nfe, sampler=sampler, batch=batch, device=device)
+    return repeats * batch / (time.perf_counter() - t0)

@@ -16,7 +16,14 @@ from pathlib import Path
 import yaml
 
 from fewstep.errors import ConfigError
+from fewstep.losses.cd import CDConfig
+from fewstep.losses.di import DIConfig
 from fewstep.losses.dmd import DMDConfig
+from fewstep.losses.dp import DPConfig
+from fewstep.losses.drift import DriftConfig
+from fewstep.losses.el import ELConfig
+from fewstep.losses.sid import SiDConfig
+from fewstep.losses.tfd import TFDConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -118,7 +125,14 @@ class DistillRunConfig:
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
     disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
     train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)      # base-method sections
+    di: DIConfig = field(default_factory=DIConfig)
+    sid: SiDConfig = field(default_factory=SiDConfig)
+    cd: CDConfig = field(default_factory=CDConfig)
+    tfd: TFDConfig = field(default_factory=TFDConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    el: ELConfig = field(default_factory=ELConfig)         # extra-term sections
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def check(self) -> None:
         from fewstep.losses import BASES, EXTRAS

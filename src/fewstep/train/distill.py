@@ -211,8 +211,9 @@ def _phase_loss(run: Run, terms, batch, gen, grad_norms: bool) -> tuple[torch.Te
     for term in terms:
         out = term(run.nets, batch, gen)
         w = run.weights.get(term.name, 1.0)
-        if hasattr(term, "calibrated_weight"):
-            w = term.calibrated_weight(run, batch, gen, out, total)
+        if hasattr(term, "calibrated_weight"):  # e.g. EL's gradient-ratio rule (el.md section 5)
+            params = [p for p in run.nets.student.parameters() if p.requires_grad]
+            w = term.calibrated_weight(params, total, out.loss.mean(), batch.step)
             logs[f"{term.name}_lambda"] = float(w)
         loss = w * out.loss.mean()
         logs.update({k: float(v) for k, v in out.terms.items()})

@@ -1,0 +1,211 @@
+"""fewstep's model format and teacher loading: ``model.safetensors`` (weights) + ``model.json``.
+
+``model.json`` is ``{"format": "fewstep-model", "version": 1, "spec": {...}, "meta": {...}}``. ``spec``
+rebuilds the denoiser: the raw net (``type`` "mlp" -> :class:`SigmaMLP`, "unet" -> :class:`UNetRaw`, with
+their constructor arguments) and the ``EDMPrecond`` fields (``sigma_data``, ``sigma_min``, ``sigma_max``,
+``boundary``, ``boundary_sigma_min``). Saved specs are complete (defaults filled in), so a model still
+loads if a default changes later. ``meta`` is free-form JSON (what trained it, data, steps, ...).
+
+Pickles are never opened: ``.pt/.pth/.pkl/.bin/.ckpt`` files are refused with a message naming
+safetensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewstep.core.precond import SIGMA_DATA, SIGMA_MIN, EDMPrecond
+from fewstep.errors import ModelError
+from fewstep.models.adapters import PICKLE_SUFFIXES, load_diffusers_teacher
+from fewstep.models.mlp import SigmaMLP
+from fewstep.models.unet import UNetRaw
+
+MODEL_JSON, MODEL_WEIGHTS = "model.json", "model.safetensors"
+FORMAT, VERSION = "fewstep-model", 1
+ARCHS: dict[str, type[nn.Module]] = {"mlp": SigmaMLP, "unet": UNetRaw}
+# EDMPrecond fields stored in the spec; sigma_max None means +inf (JSON has no infinity)
+PRECOND_DEFAULTS = {"sigma_data": SIGMA_DATA, "sigma_min": 0.0, "sigma_max": None, "boundary": False,
+                    "boundary_sigma_min": SIGMA_MIN}
+
+
+def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(arch.__init__).parameters
+    return {k: p for k, p in params.items() if k != "self"}
+
+
+def normalize_spec(spec: dict) -> dict:
+    """Check a spec and fill in every default -> a complete, JSON-ready spec (tuples become lists)."""
+    if not isinstance(spec, dict) or spec.get("type") not in ARCHS:
+        kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
+        raise ModelError(f"model spec type {kind!r} is unknown; expected one of {sorted(ARCHS)}")
+    params = _arch_params(ARCHS[spec["type"]])
+    allowed = {"type", *params, *PRECOND_DEFAULTS}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ModelError(f"unknown key(s) {unknown} in the {spec['type']} model spec; "
+                         f"allowed: {sorted(allowed)}")
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in spec]
+    if missing:
+        raise ModelError(f"the {spec['type']} model spec needs {missing}")
+    out = {"type": spec["type"]}
+    for k, p in params.items():
+        v = spec.get(k, p.default)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    for k, default in PRECOND_DEFAULTS.items():
+        out[k] = spec.get(k, default)
+    return out
+
+
+def build_denoiser(spec: dict) -> EDMPrecond:
+    """``spec`` -> ``EDMPrecond(raw_net, ...)`` with fresh weights; ``.spec`` holds the full spec and
+    ``.shape`` the per-sample data shape (``(dim,)`` or ``(C, H, W)``)."""
+    spec = normalize_spec(spec)
+    kwargs = {k: spec[k] for k in _arch_params(ARCHS[spec["type"]])}
+    try:
+        net = ARCHS[spec["type"]](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"cannot build the {spec['type']} model from its spec: {e}") from None
+    sigma_max = math.inf if spec["sigma_max"] is None else float(spec["sigma_max"])
+    D = EDMPrecond(net, num_classes=int(spec.get("num_classes", 0)), sigma_data=float(spec["sigma_data"]),
+                   sigma_min=float(spec["sigma_min"]), sigma_max=sigma_max, boundary=bool(spec["boundary"]),
+                   boundary_sigma_min=float(spec["boundary_sigma_min"]))
+    D.spec = spec
+    D.shape = (int(spec["dim"]),) if spec["type"] == "mlp" else tuple(int(s) for s in spec["shape"])
+    return D
+
+
+def _state_diff(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """A short description of key/shape differences between two state dicts ('' if they agree)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k}: {list(got[k].shape)} vs {list(expected[k].shape)}"
+              for k in sorted(set(expected) & set(got)) if got[k].shape != expected[k].shape]
+    parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in
+             (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+    return "; ".join(parts)
+
+
+def save_model(dir: str | Path, denoiser: nn.Module, spec: dict, meta: dict) -> None:
+    """Write ``dir/model.safetensors`` and ``dir/model.json`` atomically (both temps first, then rename
+    the weights, then the json, so a complete model.json always has its weights)."""
+    from safetensors.torch import save_file
+
+    dir = Path(dir)
+    spec = normalize_spec(spec)
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    fresh = build_denoiser(spec)
+    diff = _state_diff(fresh.state_dict(), state)
+    diff += "".join(f"; {k}: {getattr(denoiser, k)!r} vs spec {getattr(fresh, k)!r}"
+                    for k in ("num_classes", "sigma_data", "boundary")
+                    if hasattr(denoiser, k) and getattr(denoiser, k) != getattr(fresh, k))
+    if diff:
+        raise ModelError(f"the denoiser does not match its spec ({diff.lstrip('; ')})")
+    text = json.dumps({"format": FORMAT, "version": VERSION, "spec": spec, "meta": meta}, indent=2,
+                      allow_nan=False)
+    dir.mkdir(parents=True, exist_ok=True)
+    tmp_w, tmp_j = dir / f".{MODEL_WEIGHTS}.tmp{os.getpid()}", dir / f".{MODEL_JSON}.tmp{os.getpid()}"
+    try:
+        save_file(state, str(tmp_w), metadata={"format": "pt"})
+        with open(tmp_j, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_w, dir / MODEL_WEIGHTS)
+        os.replace(tmp_j, dir / MODEL_JSON)
+    finally:
+        for tmp in (tmp_w, tmp_j):
+            tmp.unlink(missing_ok=True)
+
+
+def read_model_json(dir: str | Path) -> tuple[dict, dict]:
+    """``dir/model.json`` -> (complete spec, meta), validated."""
+    path = Path(dir) / MODEL_JSON
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"no {MODEL_JSON} in {dir}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a fewstep model.json (missing \"format\": \"{FORMAT}\")")
+    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
+        raise ModelError(f"{path} has version {doc.get('version')!r}; this fewstep reads up to {VERSION}")
+    missing = [k for k in ("spec", "meta") if not isinstance(doc.get(k), dict)]
+    if missing:
+        raise ModelError(f"{path} lacks the required key(s) {missing}")
+    return normalize_spec(doc["spec"]), doc["meta"]
+
+
+def _refuse_pickles(dir: Path, what: str) -> None:
+    pickles = sorted(p.name for p in dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{dir} has only pickle weights ({', '.join(pickles)}) and no {what}; fewstep "
+                         "never unpickles: convert the weights to safetensors")
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: truncated or not a safetensors file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is truncated or corrupt ({msg}); re-export the model") from None
+
+
+def load_model(dir: str | Path) -> tuple[EDMPrecond, dict]:
+    """``dir`` with ``model.json`` + ``model.safetensors`` -> (denoiser in eval mode, meta)."""
+    dir = Path(dir)
+    if not dir.is_dir():
+        raise ModelError(f"model directory {dir} does not exist")
+    spec, meta = read_model_json(dir)
+    if not (dir / MODEL_WEIGHTS).is_file():
+        _refuse_pickles(dir, MODEL_WEIGHTS)
+        raise ModelError(f"no {MODEL_WEIGHTS} beside {dir / MODEL_JSON}")
+    state = _load_weights(dir / MODEL_WEIGHTS)
+    denoiser = build_denoiser(spec)
+    diff = _state_diff(denoiser.state_dict(), state)
+    if diff:
+        raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({diff})")
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    if floats:  # keep the saved precision (float64 identity tests round-trip bit-exactly)
+        denoiser.to(floats[0])
+    try:
+        denoiser.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({str(e).splitlines()[0]})") from None
+    return denoiser.eval(), meta
+
+
+def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
+    """Any supported teacher -> (denoiser ``D(x, sigma, cond)`` in eval mode, meta).
+
+    A fewstep model directory (``model.json``), a diffusers ``save_pretrained`` directory
+    (``model_index.json`` or ``config.json``), or their ``model.json`` / ``model.safetensors`` file.
+    Pickle files are refused.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"teacher path {p} does not exist")
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise ModelError(f"{p} is a pickle file; fewstep never unpickles: give a directory with "
+                             "model.safetensors + model.json (or a diffusers safetensors directory)")
+        if p.name not in (MODEL_JSON, MODEL_WEIGHTS):
+            raise ModelError(f"{p} is not a model: give a fewstep model directory or a diffusers directory")
+        p = p.parent
+    if (p / MODEL_JSON).is_file():
+        return load_model(p)
+    if (p / "model_index.json").is_file() or (p / "config.json").is_file():
+        D = load_diffusers_teacher(p)
+        return D, {"source": "diffusers", "path": str(p), "prediction_type": D.prediction_type}
+    _refuse_pickles(p, f"{MODEL_JSON} / config.json")
+    raise ModelError(f"{p} is not a model directory: expected {MODEL_JSON} (fewstep) or "
+                     "config.json / model_index.json (diffusers)")

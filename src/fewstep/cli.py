@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ring8 | grid25 | digits8 | path to data")
     _common_run_args(p)
 
+    p = sub.add_parser("distill", help="distil a teacher into a k-step student")
+    p.add_argument("--teacher", required=True, help="teacher directory (fewstep run or diffusers)")
+    p.add_argument("--method", required=True, help="base method: dmd | di | sid | cd | tfd | drift")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=WEIGHT",
+                   help="extra term with its weight, e.g. --extra el=0.5 --extra dp=0.05")
+    p.add_argument("--steps", type=int, help="student steps k (student.steps)")
+    p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
+    p.add_argument("--batch", type=int, help="global batch size (train.batch)")
+    _common_run_args(p)
+
     p = sub.add_parser("sample", help="draw samples from a teacher or student")
     p.add_argument("model", help="run directory or diffusers directory")
     p.add_argument("--n", type=int, default=64, help="number of samples")
@@ -96,6 +106,69 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+def _parse_extras(items: list[str]) -> dict:
+    extras = {}
+    for item in items:
+        name, _, weight = item.partition("=")
+        try:
+            extras[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise FewstepError(f"--extra {item}: the weight must be a number, "
+                               "e.g. --extra el=0.5") from None
+    return extras
+
+
+def _teacher_data_name(teacher: str) -> str:
+    from fewstep.models.io import read_model_json
+
+    try:
+        return read_model_json(teacher)[1].get("data", {}).get("name", "")
+    except FewstepError:
+        return ""
+
+
+def _resolve_distill_config(args):
+    from fewstep.config import PRESET_DIR, DistillRunConfig, load_preset, resolve
+    from fewstep.losses import BASES
+
+    if args.method not in BASES:
+        raise FewstepError(f"unknown method '{args.method}'; choose one of {', '.join(BASES)}")
+    data = _teacher_data_name(args.teacher)
+    base = {k: dict(v) for k, v in BASES[args.method][2].items()}
+    presets = [args.preset] if args.preset else [
+        p for p in ("distill_default", f"distill_{data}", f"distill_{data}_{args.method}")
+        if (PRESET_DIR / f"{p}.yaml").exists()]
+    for name in presets:
+        for key, value in load_preset(name).items():
+            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    overrides = [f"teacher={args.teacher}", f"method={args.method}"]
+    overrides += [f"extras.{k}={v}" for k, v in _parse_extras(args.extra).items()]
+    for flag, key in (("iters", "train.iters"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("steps", "student.steps"), ("eval_every", "train.eval_every"),
+                      ("batch", "train.batch")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    cfg = resolve(DistillRunConfig, base, overrides + list(args.overrides))
+    cfg.teacher = args.teacher
+    return cfg
+
+
+def cmd_distill(args) -> int:
+    from fewstep.config import dump_yaml
+
+    cfg = _resolve_distill_config(args)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from fewstep.train.distill import train_distill
+    from fewstep.train.evaluate import in_training_evaluator
+
+    out = train_distill(cfg, Path(args.out), evaluate=in_training_evaluator(cfg),
+                        progress=not args.no_progress)
+    print(f"student written to {out}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from fewstep.train.device import resolve_device
     from fewstep.train.generate import load_generator
@@ -136,7 +209,8 @@ def cmd_featnet(args) -> int:
     return 0
 
 
-COMMANDS = {"teacher": cmd_teacher, "sample": cmd_sample, "eval": cmd_eval, "featnet": cmd_featnet}
+COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
+            "featnet": cmd_featnet}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ class ModelConfig:
     hidden: int = 256            # MLP width
     depth: int = 4               # MLP hidden layers
     emb_dim: int = 64            # MLP noise-embedding size
-    channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # UNet block widths
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (0.65 M params)
     layers_per_block: int = 1    # UNet resnets per block
     sigma_data: float = 0.5      # EDM sigma_data (data std the preconditioning assumes)
 
@@ -55,6 +55,7 @@ class OptimConfig:
     eps: float = 1e-8            # Adam(W) epsilon
     weight_decay: float = 0.0    # AdamW decoupled weight decay
     grad_clip: float = 0.0       # clip global grad norm to this (0 = off)
+    grad_clip_value: float = 0.0  # clip each gradient element to +-this (0 = off; SiDA's critic: 1)
     warmup: int = 0              # linear LR warm-up iterations
 
 
@@ -198,6 +199,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -235,13 +241,15 @@ def from_dict(cls, d: dict, root_cls=None, prefix: str = ""):
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
     hints = _hints(cls)
+    defaults = cls()  # a partly given section keeps the parent's defaults for the rest
     kwargs = {}
     for key, value in d.items():
         if key not in hints:
             raise _unknown(prefix + key, root_cls)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, root_cls, f"{prefix}{key}.")
+            merged = {**dataclasses.asdict(getattr(defaults, key)), **(value or {})}
+            kwargs[key] = from_dict(tp, merged, root_cls, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -254,8 +262,11 @@ def to_dict(cfg) -> dict:
 def _set_dotted(d: dict, key: str, value, root_cls):
     parts = key.split(".")
     cls, node = root_cls, d
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         hints = _hints(cls)
+        if p in hints and typing.get_origin(hints[p]) is dict and i == len(parts) - 2:
+            node.setdefault(p, {})[parts[-1]] = value  # a key inside a mapping field (extras.el=0.5)
+            return
         if p not in hints or not dataclasses.is_dataclass(hints[p]):
             raise _unknown(key, root_cls)
         cls = hints[p]
@@ -316,7 +327,7 @@ def resolve(cls, base: dict, overrides: list[str]):
 _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block", "eval_n", "nfe",
              "lr", "sigma_data", "steps", "ratio", "max_bad_steps"}
 _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup", "log_every",
-                 "eval_every", "ckpt_every", "eps", "init_sigma", "gen_offset", "min_step",
+                 "eval_every", "ckpt_every", "eps", "grad_clip_value", "init_sigma", "gen_offset", "min_step",
                  "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}}

@@ -54,6 +54,7 @@ class Batch:
     step: int = 0                         # iteration index
     seed: int = 0                         # run seed
     draw_real: object = None              # (labels [n] | n, stream) -> real samples (TFD, ...)
+    global_batch: int = 0                 # batch size over all processes (images seen = step * this)
 
 
 @dataclass

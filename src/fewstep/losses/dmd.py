@@ -19,7 +19,6 @@ from fewstep.core.utils import append_dims, mean_flat
 from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 
-
 # the method's own settings for shared config sections (applied before presets and overrides)
 DEFAULTS = {"schedule": {"ratio": 5, "gen_offset": 0, "critic_on_gen_steps": True, "critic_first": False}}
 

@@ -111,13 +111,18 @@ def _optimizer(params, o) -> torch.optim.Optimizer:
                              weight_decay=o.weight_decay)
 
 
-def build_run(cfg: DistillRunConfig, device) -> Run:
-    teacher, tmeta = load_teacher(cfg.teacher)
+def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | None = None,
+              data: Dataset | None = None) -> Run:
+    """Load the teacher and data (or take them in-memory, for tests) and build every network."""
+    if teacher is None:
+        teacher, teacher_meta = load_teacher(cfg.teacher)
+    tmeta = teacher_meta or {}
     teacher = teacher.to(device).eval().requires_grad_(False)
     data_name = cfg.data.name or tmeta.get("data", {}).get("name")
-    if not data_name:
-        raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
-    data = load_dataset(data_name, conditional=getattr(teacher, "num_classes", 0) > 0)
+    if data is None:
+        if not data_name:
+            raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
+        data = load_dataset(data_name, conditional=getattr(teacher, "num_classes", 0) > 0)
     shape = tuple(tmeta.get("data", {}).get("shape") or data.shape)
     if tuple(data.shape) != shape:
         raise FewstepError(f"data '{data_name}' has samples of shape {tuple(data.shape)} but the "
@@ -154,9 +159,12 @@ def _assemble(cfg, data, teacher, methods, weights, device) -> Run:
         nets.target = copy.deepcopy(student).requires_grad_(False)
     modes = {m.rollout for m in methods if m.rollout}
     mode = "dp" if "dp" in modes else cfg.student.rollout
+    if mode == "dp" and student.num_steps > 1 and student.renoise != "ddim":
+        raise FewstepError("DP-DMD trains a deterministic chain: set student.renoise=ddim "
+                           "(so sampling uses the same chain)")
     dp_detach = all(getattr(m, "dp_detach", True) for m in methods)
     ema = copy.deepcopy(student).requires_grad_(False) if cfg.train.ema_halflife > 0 else None
-    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach)
+    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach=dp_detach)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def make_batch(run: Run, step: int, lo: int = 0, hi: int | None = None) -> Batch
                            .generator(stream)).to(run.device)
 
     return Batch(z=z, cond=cond, real=real, rnd=rnd, step=step, seed=run.cfg.train.seed,
-                 draw_real=draw_real)
+                 draw_real=draw_real, global_batch=B)
 
 
 def sample_real(data: Dataset, labels_or_n, g: torch.Generator) -> torch.Tensor:
@@ -221,18 +229,28 @@ def _phase_loss(run: Run, terms, batch, gen, grad_norms: bool) -> tuple[torch.Te
         if not torch.isfinite(loss):
             raise _BadStep(f"term '{term.name}' is {float(loss)}")
         if grad_norms and gen is not None and gen.x is not None and gen.x.requires_grad:
-            (g,) = torch.autograd.grad(loss, gen.x, retain_graph=True, allow_unused=True)
-            logs[f"gradnorm_{term.name}"] = 0.0 if g is None else float(g.norm())
+            logs.update(_grad_norms(term.name, loss, gen))
         total = total + loss
     return total, logs
+
+
+def _grad_norms(name: str, loss: torch.Tensor, gen: GenOut) -> dict:
+    """Norm of a term's gradient on the generator output (and on DP-DMD's first-step output)."""
+    outs = {"": gen.x}
+    if gen.x0_first is not None and gen.x0_first is not gen.x:
+        outs["_first"] = gen.x0_first
+    grads = torch.autograd.grad(loss, list(outs.values()), retain_graph=True, allow_unused=True)
+    return {f"gradnorm_{name}{k}": 0.0 if g is None else float(g.norm()) for k, g in zip(outs, grads)}
 
 
 class _BadStep(Exception):
     pass
 
 
-def _clip_and_check(params, max_norm: float, what: str) -> None:
+def _clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -> None:
     params = [p for p in params if p.grad is not None]
+    if max_value > 0:  # SiDA clips the critic by value (sid.md section 5)
+        torch.nn.utils.clip_grad_value_(params, max_value)
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
@@ -255,7 +273,8 @@ def generator_update(run: Run, batch: Batch, log_norms: bool) -> tuple[GenOut | 
     opt = run.opts[GEN]
     opt.zero_grad(set_to_none=True)
     total.backward()
-    _clip_and_check(run.nets.student.parameters(), run.cfg.optim.grad_clip, "generator")
+    _clip_and_check(run.nets.student.parameters(), run.cfg.optim.grad_clip, "generator",
+                    run.cfg.optim.grad_clip_value)
     for g in opt.param_groups:
         g["lr"] = _lr(run.cfg.optim, run.step)
     opt.step()
@@ -290,7 +309,7 @@ def critic_update(run: Run, batch: Batch, gen: GenOut | None) -> dict:
     for name, net, o in ((FAKE, run.nets.fake, run.cfg.fake_optim), (DISC, run.nets.head,
                                                                        run.cfg.disc_optim)):
         if name in run.opts:
-            _clip_and_check(net.parameters(), o.grad_clip, name)
+            _clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value)
             for g in run.opts[name].param_groups:
                 g["lr"] = _lr(o, run.step)
             run.opts[name].step()
@@ -373,12 +392,25 @@ def _setup_methods(run: Run) -> None:
                 t.setup(run.nets, run.ctx)
 
 
-def export_model(run: Run, out: Path) -> None:
-    from fewstep.models.io import student_spec
+def student_meta(run: Run) -> dict:
+    """What model.json records about a student (rebuilds the k-step sampler around G)."""
+    s, cfg = run.nets.student, run.cfg
+    return {"role": "student", "steps": s.num_steps, "sigmas": s.sigmas.tolist(),
+            "renoise": s.renoise, "method": cfg.method, "extras": dict(cfg.extras),
+            "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
+            "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
+                     "num_classes": run.data.num_classes}}
 
+
+def export_model(run: Run, out: Path) -> None:
+    """Write the student (its EMA if kept) as model.safetensors + model.json."""
     model = run.ema if run.ema is not None else run.nets.student
-    spec, meta = student_spec(run, model)
-    save_model(out, model.G, spec, meta)
+    spec = getattr(model.G, "spec", None)
+    if spec is None:
+        raise FewstepError("exporting a student of a diffusers teacher is not supported yet; "
+                           "the resume checkpoint in checkpoints/ holds its weights")
+    save_model(out, model.G, {**spec, "boundary": bool(getattr(model.G, "boundary", False))},
+               student_meta(run))
 
 
 def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:

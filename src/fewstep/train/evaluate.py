@@ -164,21 +164,39 @@ def in_training_evaluator(cfg):
     """Evaluation on a fixed noise batch for the training loops (``train.eval_n`` samples)."""
     from fewstep.train.generate import Generator
 
+    cache = {}
+
     def evaluate(model, step: int) -> dict:
-        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional)
+        if "data" not in cache:
+            cache["data"] = load_dataset(_data_name(cfg), conditional=model.num_classes > 0)
+        data = cache["data"]
         space = metric_space(data)
         n = min(cfg.train.eval_n, default_n(data))
         role = "student" if hasattr(model, "num_steps") else "teacher"
-        gen = Generator(model=model, meta={"data": {"shape": list(data.shape)}, "nfe":
-                                           cfg.sample.nfe}, role=role)
+        sample = getattr(cfg, "sample", None)
+        gen = Generator(model=model, meta={"data": {"shape": list(data.shape)},
+                                           "nfe": sample.nfe if sample else 35}, role=role)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        x, y = gen.sample(n, seed=cfg.train.seed + 10_000, sampler=cfg.sample.sampler, device=device)
+        x, y = gen.sample(n, seed=cfg.train.seed + 10_000, device=device,
+                          sampler=sample.sampler if sample else "heun")
         model.train(was_training)
         return {k: v for k, v in score_samples(space, x, y).items()}
 
     return evaluate
+
+
+def _data_name(cfg) -> str:
+    """The run's data set: ``data.name``, or for distillation the teacher's recorded data."""
+    if cfg.data.name:
+        return cfg.data.name
+    from fewstep.models.io import read_model_json
+
+    name = read_model_json(cfg.teacher)[1].get("data", {}).get("name")
+    if not name:
+        raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
+    return name
 
 
 _ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "kid", "kid_floor", "mmd", "mmd_floor",

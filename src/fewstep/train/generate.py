@@ -87,8 +87,12 @@ def load_generator(path: str | Path, device="cpu") -> Generator:
     from fewstep.models.io import load_teacher
 
     model, meta = load_teacher(path)
-    model = model.to(device).eval().requires_grad_(False)
     role = meta.get("role", "teacher")
+    if role == "student":
+        from fewstep.models.student import Student
+
+        model = Student(model, meta["sigmas"], renoise=meta.get("renoise", "fresh"))
+    model = model.to(device).eval().requires_grad_(False)
     return Generator(model=model, meta=meta, role=role)
 
 

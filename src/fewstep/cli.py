@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
+    p = sub.add_parser("report", help="Markdown + HTML report of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--title", default="fewstep report")
+
     p = sub.add_parser("featnet", help="retrain the digits feature network (metric space)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--seed", type=int, default=0)
@@ -201,6 +206,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fewstep.report.report import write_report
+
+    for r in args.runs:
+        if not Path(r).is_dir():
+            raise FewstepError(f"{r} is not a directory; pass run directories made by fewstep")
+    md, page = write_report([Path(r) for r in args.runs], Path(args.out), args.title)
+    print(f"report written to {md} and {page}")
+    return 0
+
+
 def cmd_featnet(args) -> int:
     from fewstep.train.featnet import train_featnet
 
@@ -210,7 +226,7 @@ def cmd_featnet(args) -> int:
 
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-            "featnet": cmd_featnet}
+            "report": cmd_report, "featnet": cmd_featnet}
 
 
 def main(argv: list[str] | None = None) -> int:

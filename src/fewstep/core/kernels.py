@@ -74,3 +74,66 @@ def median_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     d = sq_dists(x, x).sqrt()
     iu = torch.triu_indices(n, n, offset=1, device=x.device)
     return d[iu[0], iu[1]].median()
+
+
+def pooled_bandwidth(d2: torch.Tensor) -> torch.Tensor:
+    """``h``: the mean off-diagonal entry of the pooled squared-distance matrix ``d2 [n, n]``,
+    detached and floored at the dtype's tiny so identical points give kappa = 1, not NaN
+    (embedding_loss.md section 2.2)."""
+    return _offdiag_mean(d2.detach()).clamp_min(torch.finfo(d2.dtype).tiny)
+
+
+def _ustat_weights(n: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """``W [(n+m), (n+m)]`` with ``MMD^2_u = sum_ab W_ab kappa_ab`` over the pooled kernel matrix:
+    1/(n(n-1)) and 1/(m(m-1)) off the diagonal of the xx and yy blocks, -1/(nm) in both cross blocks,
+    0 on the diagonal (never differentiated)."""
+    W = torch.full((n + m, n + m), -1.0 / (n * m), dtype=like.dtype, device=like.device)
+    W[:n, :n], W[n:, n:] = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1))
+    return W.fill_diagonal_(0)
+
+
+class _PooledGaussMMD2(torch.autograd.Function):
+    """MMD^2_u with the pooled-bandwidth Gaussian mixture and an analytic gradient.
+
+    With ``G = W * (-d kappa / d d2)`` (symmetric), ``dMMD^2/dz_a = -4 (sum_b G_ab z_a - (G z)_a)``;
+    one distance matmul forward and one backward instead of autograd's long elementwise chain."""
+
+    @staticmethod
+    def forward(ctx, x, y, multipliers):
+        n = x.shape[0]
+        z = torch.cat([x, y])
+        d2 = sq_dists(z, z)
+        h = pooled_bandwidth(d2)
+        K, G = torch.zeros_like(d2), torch.zeros_like(d2)
+        for s in multipliers:
+            e = (d2 * (-1.0 / (s * h))).exp_()
+            K += e
+            G += e.mul_(1.0 / (s * h))
+        W = _ustat_weights(n, y.shape[0], d2)
+        mmd2 = (W * K).sum() / len(multipliers)
+        G.mul_(W).div_(len(multipliers))
+        ctx.save_for_backward(G, z)
+        ctx.n = n
+        ctx.mark_non_differentiable(h)
+        return mmd2, h
+
+    @staticmethod
+    def backward(ctx, grad_mmd2, grad_h):
+        G, z = ctx.saved_tensors
+        n, grads = ctx.n, []
+        for i, rows in enumerate((slice(0, n), slice(n, None))):  # only the rows that need a gradient
+            Gr = G[rows]
+            grads.append(-4 * grad_mmd2 * (Gr.sum(1, keepdim=True) * z[rows] - Gr @ z)
+                         if ctx.needs_input_grad[i] else None)
+        return grads[0], grads[1], None
+
+
+def mmd2_unbiased_pooled(x: torch.Tensor, y: torch.Tensor, multipliers) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased MMD^2 between ``x [n, d]`` and ``y [m, d]`` with ``kappa = mean_s exp(-d^2/(s h))``,
+    ``h`` = :func:`pooled_bandwidth` of the pooled ``[x; y]`` (embedding_loss.md sections 2.2-2.3).
+
+    Equal to ``mmd2_unbiased(x, y, h * multipliers)`` with gradients through ``x`` and ``y`` only
+    (``h`` is detached). ``h`` is a symmetric function of the pooled set, so the mean over splits of
+    one pooled set is exactly 0, and scaling all points by ``a`` leaves the value unchanged.
+    Returns ``(mmd2, h)``."""
+    return _PooledGaussMMD2.apply(x, y, tuple(float(s) for s in multipliers))

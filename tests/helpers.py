@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from fewstep.losses import BASES
 from fewstep.train.rng import StepRandom
+
+# a tiny MLP teacher spec for engine smoke tests
+MLP = {"type": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16, "num_classes": 0, "sigma_data": 0.5}
 
 
 class FixedRandom(StepRandom):
@@ -44,3 +50,34 @@ class GaussianDenoiser(torch.nn.Module):
     def forward(self, x, sigma, cond=None):
         s2, sig2 = self.s**2, sigma.to(x.dtype)[:, None] ** 2
         return (s2 * x + sig2 * self.mu) / (s2 + sig2)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def tiny_run(method: str, overrides: dict | None = None):
+    from fewstep.config import DistillRunConfig, from_dict
+    from fewstep.models.io import build_denoiser
+    from fewstep.train.distill import build_run
+
+    torch.manual_seed(0)
+    teacher = build_denoiser(MLP)
+    with torch.no_grad():  # leave the zero-initialised output layer: a non-trivial teacher
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = _merge(BASES[method][2], {"method": method, "train": {"batch": 16, "iters": 4}, **(overrides or {})})
+    cfg = from_dict(DistillRunConfig, d)
+    return build_run(cfg, torch.device("cpu"), teacher=teacher,
+                     teacher_meta={"data": {"name": "ring8", "shape": [2]}})
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(module, before) -> bool:
+    return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))

@@ -13,8 +13,7 @@ from fewstep.errors import ConfigError
 from fewstep.losses import cd
 from fewstep.losses.base import Batch, Nets
 from fewstep.models.io import build_denoiser
-from tests.helpers import FixedRandom, GaussianDenoiser
-from tests.test_di import MLP, _changed, _params, tiny_run
+from tests.helpers import MLP, FixedRandom, GaussianDenoiser, _changed, _params, tiny_run
 
 B, D = 64, 2
 

@@ -12,12 +12,11 @@ import torch
 from fewstep.core.mixture import MixtureDenoiser, ring8
 from fewstep.core.precond import edm_loss_weight
 from fewstep.core.utils import sum_flat
-from fewstep.losses import BASES, di, dmd
+from fewstep.losses import di, dmd
 from fewstep.losses.base import Batch, GenOut, Nets
-from tests.helpers import FixedRandom, GaussianDenoiser
+from tests.helpers import FixedRandom, GaussianDenoiser, _changed, _params, tiny_run
 
 B, D = 64, 2
-MLP = {"type": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16, "num_classes": 0, "sigma_data": 0.5}
 
 
 @pytest.fixture(autouse=True)
@@ -130,37 +129,6 @@ def test_fake_loss_is_lambda_weighted_sum_and_prefers_generator_denoiser(gen):
 # ---------------------------------------------------------------------------------------------
 # engine smoke tests with a real tiny network
 # ---------------------------------------------------------------------------------------------
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
-def tiny_run(method: str, overrides: dict | None = None):
-    from fewstep.config import DistillRunConfig, from_dict
-    from fewstep.models.io import build_denoiser
-    from fewstep.train.distill import build_run
-
-    torch.manual_seed(0)
-    teacher = build_denoiser(MLP)
-    with torch.no_grad():  # leave the zero-initialised output layer: a non-trivial teacher
-        for p in teacher.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    d = _merge(BASES[method][2], {"method": method, "train": {"batch": 16, "iters": 4}, **(overrides or {})})
-    cfg = from_dict(DistillRunConfig, d)
-    return build_run(cfg, torch.device("cpu"), teacher=teacher,
-                     teacher_meta={"data": {"name": "ring8", "shape": [2]}})
-
-
-def _params(module):
-    return [p.detach().clone() for p in module.parameters()]
-
-
-def _changed(module, before) -> bool:
-    return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
-
-
 def test_smoke_defaults_and_phases():
     from fewstep.train.distill import critic_update, generator_update, make_batch, train_iteration
 

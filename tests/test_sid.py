@@ -13,8 +13,7 @@ from fewstep.losses.base import Batch, GenOut, Nets
 from fewstep.models.io import build_denoiser
 from fewstep.models.student import Student
 from fewstep.models.taps import capture
-from tests.helpers import FixedRandom, GaussianDenoiser
-from tests.test_di import MLP, _changed, _params, tiny_run
+from tests.helpers import MLP, FixedRandom, GaussianDenoiser, _changed, _params, tiny_run
 
 B, D = 32, 2
 UNET = {"type": "unet", "shape": [1, 8, 8], "block_out_channels": [8, 16], "norm_num_groups": 4}

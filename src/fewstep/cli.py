@@ -229,8 +229,21 @@ COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample
             "report": cmd_report, "featnet": cmd_featnet}
 
 
+def _set_threads() -> None:
+    """``FEWSTEP_THREADS=N`` fixes torch's intra-op threads. On a busy 2-core machine one thread is
+    often several times faster for small networks (OpenMP workers spin while waiting)."""
+    import os
+
+    n = os.environ.get("FEWSTEP_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _set_threads()
     try:
         return COMMANDS[args.command](args)
     except FewstepError as e:

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or diffusers directory")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
-    p.add_argument("--sampler", choices=["heun", "euler"], default="heun")
+    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp"], default="heun",
+                   help="heun / euler (Karras grid) or dpmpp (diffusers DPM-Solver++ 2M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or diffusers directory")
     p.add_argument("--n", type=int, help="samples (default: 2500 mixtures, test-split size images)")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
-    p.add_argument("--sampler", choices=["heun", "euler"], default="heun")
+    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp"], default="heun",
+                   help="heun / euler (Karras grid) or dpmpp (diffusers DPM-Solver++ 2M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")

@@ -65,6 +65,12 @@ class Generator:
                                    f"omit --nfe or pass --nfe {self.model.num_steps}")
             return self.model.sample(z, y, generator=torch.Generator().manual_seed(seed))
         nfe = nfe or self.default_nfe()
+        if sampler == "dpmpp":
+            from fewstep.train.dpm import sample_dpmpp
+
+            lo, hi = _sigma_range(self.model)
+            return sample_dpmpp(self.model, z, nfe, y, sigma_min=lo, sigma_max=hi,
+                                sigma_data=float(getattr(self.model, "sigma_data", 0.5)))
         steps = steps_for_nfe(sampler, nfe)
         sigmas = teacher_sigmas(self.model, steps).to(z.device)
         return SAMPLERS[sampler](self.model, z.double() * sigmas[0], sigmas, y)
@@ -72,13 +78,21 @@ class Generator:
     def nfe(self, nfe: int | None, sampler: str) -> int:
         if self.role == "student":
             return self.model.num_steps
+        if sampler == "dpmpp":
+            return nfe or self.default_nfe()
         return sampler_nfe(sampler, steps_for_nfe(sampler, nfe or self.default_nfe()))
 
 
-def teacher_sigmas(model, steps: int) -> torch.Tensor:
-    """EDM grid clamped to the model's native range (foreign teachers have a finite table)."""
+def _sigma_range(model) -> tuple[float, float]:
+    """EDM's [0.002, 80] clamped to the model's native range (foreign teachers have a table)."""
     lo = max(0.002, float(getattr(model, "sigma_min", 0.0) or 0.0))
     hi = min(80.0, float(getattr(model, "sigma_max", math.inf) or math.inf))
+    return lo, hi
+
+
+def teacher_sigmas(model, steps: int) -> torch.Tensor:
+    """The Karras grid over the model's sigma range, ending in 0."""
+    lo, hi = _sigma_range(model)
     return karras_sigmas(steps, sigma_min=lo, sigma_max=hi)
 
 

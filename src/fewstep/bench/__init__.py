@@ -1,0 +1,1 @@
+"""``fewstep bench``: the benchmark matrix of BENCHMARKS.md as cached, resumable jobs."""

@@ -79,7 +79,8 @@ def write_bench_report(suite: str, jobs: list[Job], records: list[dict], root: P
                     for c in r) + "</tr>" for r in body) + "</table>")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}")
-    (root / "bench.md").write_text("\n".join(md) + "\n")
-    (root / "bench.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{style}"
+    md_path, html_path = root / f"bench-{suite}.md", root / f"bench-{suite}.html"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{style}"
                                      f"</style></head><body>{''.join(page)}</body></html>\n")
-    return root / "bench.md", root / "bench.html"
+    return md_path, html_path

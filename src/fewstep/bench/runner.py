@@ -1,9 +1,10 @@
 """Run benchmark jobs as subprocesses: cached, resumable, timed, with peak memory per job.
 
 Each job is one ``fewstep`` command writing into its own directory. A job that finished writes
-``_jobs/<name>.json`` (command, wall time, peak RSS, exit code; its log is ``_jobs/<name>.log``); re-running a suite skips those and lets
-interrupted training runs resume from their checkpoints. Jobs run ``--jobs`` at a time, each with
-``FEWSTEP_THREADS`` threads (one thread per process is fastest on a small shared CPU).
+``_jobs/<name>.json`` (command, wall time, peak RSS, exit code; log: ``_jobs/<name>.log``); re-
+running a suite skips those and lets interrupted training runs resume from their checkpoints. Jobs
+run ``--jobs`` at a time, each with ``FEWSTEP_THREADS`` threads (one thread per process is fastest
+on a small shared CPU).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ def teacher_job(data: str, iters: int | None = None, conditional: bool = False, 
         args += ["--iters", str(iters)]
     if conditional:
         args += ["data.conditional=true"]
-    return Job(name or f"teacher-{data}{'-cond' if conditional else ''}", args, kind="teacher",
+    # names encode everything that differs, so suites sharing one --out directory share teachers
+    default = f"teacher-{data}{'-cond' if conditional else ''}{f'-i{iters}' if iters else ''}"
+    return Job(name or default, args, kind="teacher",
                tags={"data": data, "conditional": conditional, "role": "teacher"})
 
 
@@ -113,4 +115,82 @@ def full(seeds=(0, 1, 2)) -> list[Job]:
     return jobs
 
 
-SUITES = {"quick": quick, "full": full}
+# ---------------------------------------------------------------------------------------------
+# claim experiments (issues 5-7); budgets chosen so each suite fits a few CPU hours
+# ---------------------------------------------------------------------------------------------
+BUDGET = {"ring8": 6000, "grid25": 6000, "digits8": 1500}
+EVAL_EVERY = {"ring8": 500, "grid25": 500, "digits8": 250}
+
+
+def el_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+    """Embedding Loss: B vs B+el for B in {dmd, di, sid} at equal iterations, small batch, ablations."""
+    jobs: list[Job] = []
+    for data in (*MIXTURES, "digits8"):
+        t = teacher_job(data)
+        jobs += [t, eval_job(t)]
+        T, every = BUDGET[data], EVAL_EVERY[data]
+        for s in (seeds if data != "digits8" else digits_seeds):
+            specs = [{"method": m, "extras": ex, "seed": s, "iters": T, "eval_every": every}
+                     for m in ("dmd", "di", "sid") for ex in ({}, {"el": 1.0})]
+            if data != "digits8":  # small batch: B+el at 16 vs B at 128
+                specs += [{"method": "dmd", "extras": {"el": 1.0}, "seed": s, "iters": T, "batch": 16,
+                           "eval_every": every, "tag": "b16"},
+                          {"method": "dmd", "seed": s, "iters": T, "batch": 128, "eval_every": every,
+                           "tag": "b128"}]
+            _students_with_evals(jobs, t, specs)
+        if data == "digits8":  # ablations with dmd
+            abl = [("K1", ["el.K=1"]), ("K8", ["el.K=8"]), ("linear", ["el.kernel=linear"]),
+                   ("fixed", ["el.redraw=false"])]
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "iters": T,
+                                            "eval_every": every, "tag": tag, "overrides": tuple(ov)}
+                                           for tag, ov in abl])
+    return jobs
+
+
+def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+    """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8; 1-step dmd+dp."""
+    jobs: list[Job] = []
+    for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
+        t = teacher_job(data, conditional=cond)
+        jobs += [t, eval_job(t)]
+        T, every = BUDGET[data], EVAL_EVERY[data]
+        for s in (seeds if data != "digits8" else digits_seeds):
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s,
+                                            "iters": T, "eval_every": every}
+                                           for ex in ({}, {"dp": 0.05})])
+        if data == "ring8":
+            abl = [("K3", {"dp": 0.05}, ["dp.anchor_k=3"]), ("K10", {"dp": 0.05}, ["dp.anchor_k=10"]),
+                   ("nodetach", {"dp": 0.05}, ["dp.detach=false"]), ("lam0.01", {"dp": 0.01}, []),
+                   ("lam0.2", {"dp": 0.2}, [])]
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "iters": T,
+                                            "eval_every": every, "tag": tag, "overrides": tuple(ov)}
+                                           for tag, ex, ov in abl])
+        _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1, "iters": T,
+                                        "eval_every": every, "tag": "final-anchor",
+                                        "overrides": ("dp.anchor_k=30",)}])
+    return jobs
+
+
+def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+    """Teacher-Feature Drifting: tfd, tfd without coverage, drift and dmd at equal wall-clock budgets."""
+    jobs: list[Job] = []
+    wall = {"ring8": 150, "grid25": 150, "digits8": 300}
+    for data in (*MIXTURES, "digits8"):
+        t = teacher_job(data)
+        jobs += [t, eval_job(t)]
+        budget = (f"train.time_budget_s={wall[data]}", "train.iters=1000000")
+        every = EVAL_EVERY[data]
+        arms = [("tfd", ()), ("tfd", ("tfd.coverage=false",)), ("drift", ()), ("dmd", ())]
+        for s in (seeds if data != "digits8" else digits_seeds):
+            _students_with_evals(jobs, t, [{"method": m, "seed": s, "eval_every": every,
+                                            "tag": "nocov" if ov else "", "overrides": budget + ov}
+                                           for m, ov in arms])
+        if data == "ring8":
+            abl = [("sf0.02", ("tfd.sigma_f=0.02",)), ("sf0.5", ("tfd.sigma_f=0.5",)),
+                   ("deep", ("tfd.tap_set=deep", "tfd.raw_coords=false"))]
+            _students_with_evals(jobs, t, [{"method": "tfd", "eval_every": every, "tag": tag,
+                                            "overrides": budget + ov} for tag, ov in abl])
+    return jobs
+
+
+SUITES = {"quick": quick, "full": full, "el": el_suite, "dp": dp_suite, "tfd": tfd_suite}

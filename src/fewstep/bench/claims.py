@@ -1,0 +1,108 @@
+"""Claim analysis for the experiment suites: aggregate over seeds, then the computations each
+seed paper's claim needs (issues 5-7). Every number comes from the suite's own runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from fewstep.bench.runner import Job
+from fewstep.train.runlog import read_metrics
+
+
+def quality_key(data: str) -> str:
+    """The headline quality metric: fd in the digits feature space, mmd on mixtures."""
+    return "fd" if data.startswith("digits") else "mmd"
+
+
+def arm(tags: dict) -> str:
+    ex = "".join(f"+{k}={v:g}" for k, v in (tags.get("extras") or {}).items())
+    return f"{tags['method']}{ex}" + (f" k={tags['steps']}" if tags.get("steps", 1) > 1 else "") + \
+        (f" [{tags['tag']}]" if tags.get("tag") else "")
+
+
+def finals(jobs: list[Job], root: Path) -> dict:
+    """``{(data, arm): {seed: metrics}}`` from each student's final ``eval.json``."""
+    out: dict = {}
+    for j in jobs:
+        if j.kind != "eval" or j.tags.get("role") != "student":
+            continue
+        path = root / j.name / "eval.json"
+        if path.exists():
+            key = (j.tags["data"] + ("-cond" if j.tags.get("conditional") else ""), arm(j.tags))
+            out.setdefault(key, {})[j.tags.get("seed", 0)] = json.loads(path.read_text())
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def arm_table(fin: dict, keys: list[str]) -> list[str]:
+    """Markdown rows: one per (data, arm), each metric as mean ± std over seeds."""
+    lines = ["| data | arm | seeds | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for (data, name), by_seed in sorted(fin.items()):
+        cells = [mean_std([m.get(k) for m in by_seed.values()]) for k in keys]
+        lines.append(f"| {data} | {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    return [(r["iteration"], r[key]) for r in read_metrics(run_dir) if key in r]
+
+
+def iterations_to_quality(base_dir: Path, el_dir: Path, key: str) -> float | None:
+    """Fraction of the budget B+el needs to first reach B's final value of ``key`` (lower is
+    better for fd/mmd); None if it never does."""
+    base, el = curve(base_dir, key), curve(el_dir, key)
+    if not base or not el:
+        return None
+    target, total = base[-1][1], base[-1][0]
+    hit = next((it for it, v in el if v <= target), None)
+    return None if hit is None else hit / total
+
+
+def el_claims(jobs: list[Job], root: Path) -> list[str]:
+    lines = ["## Claim: Embedding Loss reaches the base's final quality in fewer iterations", "",
+             "Fraction of the iteration budget B+el needs to first reach B's final value (same seed; "
+             "the paper's best case is 0.2; our bar per the spec is <= 0.5 for at least one base).", "",
+             "| data | base | per seed | mean |", "|---|---|---|---|"]
+    students = {(j.tags["data"], arm(j.tags), j.tags["seed"]): root / j.name for j in jobs
+                if j.kind == "distill" and not j.tags.get("tag")}
+    for data, name, seed in sorted(students):
+        if "+" in name or seed != 0:
+            continue
+        ratios = []
+        for s in sorted({k[2] for k in students if k[0] == data and k[1] == name}):
+            b, e = students.get((data, name, s)), students.get((data, f"{name}+el=1", s))
+            if b and e:
+                ratios.append(iterations_to_quality(b, e, quality_key(data)))
+        shown = ", ".join("never" if r is None else f"{r:.2f}" for r in ratios)
+        reached = [r for r in ratios if r is not None]
+        mean = f"{statistics.mean(reached):.2f} ({len(reached)}/{len(ratios)} reached)" if reached else \
+            f"never (0/{len(ratios)})"
+        lines.append(f"| {data} | {name} | {shown} | {mean} |")
+    return lines
+
+
+def write_claims(suite: str, jobs: list[Job], root: Path) -> Path | None:
+    fin = finals(jobs, root)
+    if not fin:
+        return None
+    keys = ["fd", "mmd", "hq_rate", "modes_covered", "mode_mass_tv", "recall", "coverage", "diversity"]
+    keys = [k for k in keys if any(k in m for by in fin.values() for m in by.values())]
+    lines = [f"# Claims — suite `{suite}`", "", f"From the runs in `{root}` (made by `fewstep bench "
+             f"--suite {suite} --out {root}`). Final evaluations, mean ± std over seeds.", ""]
+    lines += arm_table(fin, keys) + [""]
+    if suite == "el":
+        lines += el_claims(jobs, root)
+    path = root / f"claims-{suite}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -81,3 +81,51 @@ def _params(module):
 
 def _changed(module, before) -> bool:
     return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+def save_tiny_teacher(out, spec: dict | None = None, data: dict | None = None):
+    """A tiny randomised MLP teacher saved as a fewstep model directory (for CLI/engine runs)."""
+    from fewstep.models.io import build_denoiser, save_model
+
+    spec = spec or MLP
+    torch.manual_seed(0)
+    teacher = build_denoiser(spec)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    data = data or {"name": "ring8", "kind": "vector", "shape": [spec["dim"]],
+                    "num_classes": spec["num_classes"]}
+    save_model(out, teacher, spec, {"role": "teacher", "iterations": 0, "data": data,
+                                    "sampler": "heun", "nfe": 9})
+    return out
+
+
+def tensors_max_diff(a, b, skip=("wall_s",)) -> float:
+    """Largest absolute difference between two nested state containers (structure must match)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), set(a) ^ set(b)
+        return max([tensors_max_diff(a[k], b[k], skip) for k in a if k not in skip] or [0.0])
+    if isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        return max([tensors_max_diff(x, y, skip) for x, y in zip(a, b)] or [0.0])
+    if torch.is_tensor(a):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        return 0.0 if a.numel() == 0 else float((a.double() - b.double()).abs().max())
+    return 0.0 if a == b else float("inf")
+
+
+def assert_states_equal(a, b, skip=("wall_s",), where="state") -> None:
+    """Bit-for-bit equality of two nested state containers (tensors via ``torch.equal``)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            if k not in skip:
+                assert_states_equal(a[k], b[k], skip, f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, skip, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (plus a pointer to --help), exit code 2."""
 
     def error(self, message):
+        if message.startswith("unrecognized arguments") and "=" in message:
+            message += "; put key=value overrides after all --options"
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
@@ -69,8 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="average over this many generated sets (reports <metric>_std too)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
+    p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd")
+    p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("perf", help="sampling and training speed as ratios, measured in one process")
+    p.add_argument("--teacher", required=True, help="teacher directory")
+    p.add_argument("--students", nargs="*", default=[], help="student directories")
+    p.add_argument("--methods", nargs="*", default=["dmd"],
+                   help="method specs to time, e.g. dmd dmd+el dmd+dp@4 di sid cd tfd")
+    p.add_argument("--batch", type=int, help="training batch for the timing (default: presets)")
+    p.add_argument("--json", required=True, help="output JSON file")
 
     p = sub.add_parser("report", help="Markdown + HTML report of one or more runs")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -109,7 +129,8 @@ def cmd_teacher(args) -> int:
 
     out = train_teacher(cfg, Path(args.out), evaluate=in_training_evaluator(cfg),
                         progress=not args.no_progress)
-    print(f"teacher written to {out}")
+    if not _rank_prefix():
+        print(f"teacher written to {out}")
     return 0
 
 
@@ -172,7 +193,8 @@ def cmd_distill(args) -> int:
 
     out = train_distill(cfg, Path(args.out), evaluate=in_training_evaluator(cfg),
                         progress=not args.no_progress)
-    print(f"student written to {out}")
+    if not _rank_prefix():
+        print(f"student written to {out}")
     return 0
 
 
@@ -199,12 +221,44 @@ def cmd_eval(args) -> int:
     from fewstep.train.evaluate import evaluate_model, format_table
 
     metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
-                             seed=args.seed, data=args.data, fid=args.fid, device=args.device)
+                             seed=args.seed, data=args.data, fid=args.fid, device=args.device,
+                             repeats=args.repeats)
     print(format_table(metrics))
     if args.json:
         from fewstep.train.rundir import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fewstep.bench.report import write_bench_report
+    from fewstep.bench.runner import run_jobs
+    from fewstep.bench.suites import SUITES
+
+    if args.suite not in SUITES:
+        raise FewstepError(f"unknown suite '{args.suite}'; choose one of {', '.join(SUITES)}")
+    if args.jobs < 1 or args.threads < 1:
+        raise FewstepError("--jobs and --threads must be at least 1")
+    from fewstep.train.rundir import ensure_writable_dir
+
+    root = Path(args.out)
+    ensure_writable_dir(root)
+    jobs = SUITES[args.suite]()
+    records = run_jobs(jobs, root, parallel=args.jobs, threads=args.threads,
+                       progress=not args.no_progress)
+    md, page = write_bench_report(args.suite, jobs, records, root)
+    print(f"{len(records)}/{len(jobs)} jobs done; report: {md} and {page}")
+    return 0 if len(records) == len(jobs) else 1
+
+
+def cmd_perf(args) -> int:
+    from fewstep.bench.perf import perf_report
+    from fewstep.train.rundir import atomic_write_text
+
+    result = perf_report(args.teacher, args.students, args.methods, args.batch)
+    atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -228,14 +282,12 @@ def cmd_featnet(args) -> int:
 
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-            "report": cmd_report, "featnet": cmd_featnet}
+            "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf}
 
 
 def _set_threads() -> None:
     """``FEWSTEP_THREADS=N`` fixes torch's intra-op threads. On a busy 2-core machine one thread is
     often several times faster for small networks (OpenMP workers spin while waiting)."""
-    import os
-
     n = os.environ.get("FEWSTEP_THREADS")
     if n:
         import torch
@@ -243,14 +295,46 @@ def _set_threads() -> None:
         torch.set_num_threads(max(1, int(n)))
 
 
+DISTRIBUTED_COMMANDS = ("teacher", "distill")
+
+
+def _rank_prefix() -> str:
+    """``[rank R] `` for processes other than rank 0 of a torchrun launch (their lines interleave)."""
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and rank != "0" else ""
+
+
+def _check_single_process(command: str) -> None:
+    """Only training runs under torchrun; a sampler or report started N times would race on files."""
+    if command not in DISTRIBUTED_COMMANDS and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise FewstepError(f"'fewstep {command}' runs as one process; launch it without torchrun "
+                           "(only teacher and distill train on several processes)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    dist = sys.modules.get("fewstep.train.dist")
+    if dist is not None and dist.joined_a_group():  # see dist.joined_a_group: skip finalisation
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _set_threads()
+    from fewstep.train.control import Interrupted
+
     try:
+        _check_single_process(args.command)
         return COMMANDS[args.command](args)
     except FewstepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:  # a stop signal: the checkpoint is written, the run resumes later
+        print(f"{_rank_prefix()}{e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

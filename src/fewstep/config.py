@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class OptimConfig:
 class TrainConfig:
     iters: int = 4000            # optimisation steps
     batch: int = 1024            # global batch size (fixed when the number of processes changes)
+    micro_batch: int = 0         # per-process micro-batch for gradient accumulation (0 = off)
     seed: int = 0                # run seed; every random draw derives from (seed, step, stream)
     ema_halflife: float = 500.0  # EMA half-life in iterations (0 = no EMA)
     ema_rampup: float = 0.05     # half-life ramp-up ratio (EDM): halflife <= rampup * step
@@ -70,6 +72,8 @@ class TrainConfig:
     eval_every: int = 0          # iterations between in-training evaluations (0 = end only)
     eval_n: int = 2500           # samples per in-training evaluation
     ckpt_every: int = 1000       # iterations between resume checkpoints (0 = end only)
+    max_bad_steps: int = 20      # refused (NaN/Inf) steps before the run stops
+    time_budget_s: float = 0.0   # stop after this much training wall time (0 = off; equal-time arms)
     device: str = "auto"         # auto | cpu | cuda | mps
 
 
@@ -110,7 +114,6 @@ class DistillTrainConfig(TrainConfig):
     iters: int = 2000
     batch: int = 256
     ema_halflife: float = 0.0    # student EMA half-life in iterations (0 = none, as DMD2)
-    max_bad_steps: int = 20      # refused (NaN/Inf) steps before the run stops
     eval_n: int = 2500
 
 
@@ -145,17 +148,23 @@ class DistillRunConfig:
                 near = difflib.get_close_matches(name, list(EXTRAS), n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
                 raise ConfigError(f"unknown extra '{name}'{hint}")
-            if weight < 0:
-                raise ConfigError(f"extra weight {name}={weight} must be >= 0")
+            if not weight >= 0 or weight == float("inf"):
+                raise ConfigError(f"extra weight {name}={weight} must be a finite number >= 0, "
+                                  f"e.g. --extra {name}=0.5")
         if self.student.rollout not in ("full", "backsim"):
             raise ConfigError(f"student.rollout must be full or backsim, got '{self.student.rollout}'")
         if self.student.renoise not in ("fresh", "ddim"):
             raise ConfigError(f"student.renoise must be fresh or ddim, got '{self.student.renoise}'")
-        if self.student.sigmas and len(self.student.sigmas) != self.student.steps:
-            raise ConfigError(f"student.sigmas has {len(self.student.sigmas)} levels but "
+        sig = self.student.sigmas
+        if sig and len(sig) != self.student.steps:
+            raise ConfigError(f"student.sigmas has {len(sig)} levels but "
                               f"student.steps={self.student.steps}; give one level per step")
+        if sig and (min(sig) <= 0 or any(b >= a for a, b in zip(sig, sig[1:]))):
+            raise ConfigError(f"student.sigmas={sig} must be positive and strictly decreasing, "
+                              "e.g. student.sigmas=[80,1.5]")
         if self.schedule.gen_offset >= self.schedule.ratio:
-            raise ConfigError("schedule.gen_offset must be smaller than schedule.ratio")
+            raise ConfigError(f"schedule.gen_offset={self.schedule.gen_offset} must be smaller than "
+                              f"schedule.ratio={self.schedule.ratio}; e.g. schedule.gen_offset=0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +334,11 @@ def resolve(cls, base: dict, overrides: list[str]):
 # validation of impossible values
 # ---------------------------------------------------------------------------------------------
 _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block", "eval_n", "nfe",
-             "lr", "sigma_data", "steps", "ratio", "max_bad_steps"}
-_NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup", "log_every",
-                 "eval_every", "ckpt_every", "eps", "grad_clip_value", "init_sigma", "gen_offset", "min_step",
+             "lr", "sigma_data", "steps", "ratio", "max_bad_steps", "log_every"}
+_NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup",
+                 "eval_every", "ckpt_every", "micro_batch", "eps", "grad_clip_value", "init_sigma",
+                 "time_budget_s",
+                 "gen_offset", "min_step",
                  "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}}
@@ -340,15 +351,26 @@ def validate(cfg, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             validate(value, key + ".")
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
         if f.name in _POSITIVE and isinstance(value, int | float) and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
         if f.name in _NON_NEGATIVE and isinstance(value, int | float) and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{key} must be one of {sorted(_CHOICES[key])}, got '{value}'")
+        _check_list(key, f.name, value)
     extra = getattr(cfg, "check", None)
     if callable(extra):
         extra()
+
+
+def _check_list(key: str, name: str, value) -> None:
+    """List-valued fields with a fixed meaning: Adam betas and UNet block widths."""
+    if name == "betas" and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
+        raise ConfigError(f"{key}={value} must be two numbers in [0, 1), e.g. {key}=[0.9,0.999]")
+    if name == "channels" and (not value or min(value) <= 0):
+        raise ConfigError(f"{key}={value} must be a non-empty list of positive widths, e.g. {key}=[32,64]")
 
 
 def dump_yaml(cfg) -> str:

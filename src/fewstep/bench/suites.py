@@ -115,6 +115,31 @@ def full(seeds=(0, 1, 2)) -> list[Job]:
     return jobs
 
 
+def smoke() -> list[Job]:
+    """A reduced ``quick`` for the test suite: every base and extra runs a few iterations."""
+    t = teacher_job("ring8", iters=150)
+    jobs = [t, eval_job(t, nfe=7, n=200), eval_job(t, nfe=4, sampler="dpmpp", n=200)]
+    specs = [{"method": m, "iters": 10, "batch": 64} for m in (*BASES_1STEP, "drift")]
+    specs += [{"method": "dmd", "extras": {"el": 1.0}, "iters": 10, "batch": 64},
+              {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4, "iters": 10, "batch": 64}]
+    _students_with_evals(jobs, t, [{**s, "overrides": ("train.eval_n=200",)} for s in specs], n=200)
+    return jobs
+
+
+def demo() -> list[Job]:
+    """``make demo``: ring8 teacher -> dmd, dmd+el, dmd+dp (4 steps), tfd students -> evaluation, and
+    a digits8 teacher with a demo budget, in about 10 minutes on 2 cores."""
+    t_ring, t_dig = teacher_job("ring8"), teacher_job("digits8", iters=2000)
+    jobs = [t_ring, t_dig, eval_job(t_ring), eval_job(t_ring, nfe=4, sampler="dpmpp"),
+            eval_job(t_dig, nfe=35)]
+    _students_with_evals(jobs, t_ring, [{"method": "dmd", "iters": 4000},
+                                        {"method": "dmd", "extras": {"el": 1.0}, "iters": 4000},
+                                        {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4,
+                                         "iters": 4000},
+                                        {"method": "tfd", "iters": 1500}])
+    return jobs
+
+
 # ---------------------------------------------------------------------------------------------
 # claim experiments (issues 5-7); budgets chosen so each suite fits a few CPU hours
 # ---------------------------------------------------------------------------------------------
@@ -193,4 +218,5 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
     return jobs
 
 
-SUITES = {"quick": quick, "full": full, "el": el_suite, "dp": dp_suite, "tfd": tfd_suite}
+SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
+          "tfd": tfd_suite}

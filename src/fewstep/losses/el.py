@@ -89,8 +89,12 @@ def embedding_loss(x_fake, x_real, nets, kernel: str = "gauss", multipliers=(0.2
 # ---------------------------------------------------------------------------------------------
 # the term and its lambda (section 5)
 # ---------------------------------------------------------------------------------------------
-def grad_stats(params, base_loss, term_loss) -> tuple[float, float, float]:
-    """``(||grad base||, ||grad EL||, cosine)`` over ``params`` (graphs retained for the engine)."""
+def grad_stats(params, base_loss, term_loss, all_mean=None) -> tuple[float, float, float]:
+    """``(||grad base||, ||grad EL||, cosine)`` over ``params`` (graphs retained for the engine).
+
+    ``all_mean`` (a function averaging a float tensor over processes, from the engine) averages both
+    gradients before the norms: every rank gets the same lambda, computed from the gradient that is
+    applied (the process mean), as one process with the whole batch would for per-sample terms."""
     def grads(loss):
         if not (torch.is_tensor(loss) and loss.requires_grad):
             return [torch.zeros_like(p) for p in params]
@@ -98,6 +102,11 @@ def grad_stats(params, base_loss, term_loss) -> tuple[float, float, float]:
         return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
     gb, ge = grads(base_loss), grads(term_loss)
+    if all_mean is not None and params:
+        flat = all_mean(torch.cat([g.reshape(-1) for g in gb + ge]))
+        sizes = [g.numel() for g in gb + ge]
+        parts = [p.view_as(g) for p, g in zip(flat.split(sizes), gb + ge)]
+        gb, ge = parts[:len(gb)], parts[len(gb):]
     nb = float(torch.stack([g.pow(2).sum() for g in gb]).sum().sqrt())
     ne = float(torch.stack([g.pow(2).sum() for g in ge]).sum().sqrt())
     dot = float(sum((a * b).sum() for a, b in zip(gb, ge)))
@@ -147,12 +156,13 @@ class ELTerm:
         self._logs = {"el": loss.detach(), "el_h" if self.cfg.kernel == "gauss" else "el_rho2": stat}
         return LossOutput(loss, self._logs)
 
-    def calibrated_weight(self, params, base_loss, term_loss, step: int) -> float:
-        """lambda for this generator update (section 5); ``base_loss`` is the weighted base sum."""
+    def calibrated_weight(self, params, base_loss, term_loss, step: int, all_mean=None) -> float:
+        """lambda for this generator update (section 5); ``base_loss`` is the weighted base sum;
+        ``all_mean`` averages over processes (see :func:`grad_stats`)."""
         c, self.updates = self.cfg, self.updates + 1
         calibrating = c.calibrate and self.frozen is None
         if calibrating or (c.log_grads_every and self.updates % c.log_grads_every == 0):
-            g_base, g_el, cos = grad_stats(params, base_loss, term_loss)
+            g_base, g_el, cos = grad_stats(params, base_loss, term_loss, all_mean)
             self._logs.update(el_g_base=g_base, el_g_el=g_el, el_cos=cos)
         if not calibrating:
             return self.weight * (self.frozen if c.calibrate else 1.0)

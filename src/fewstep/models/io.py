@@ -95,6 +95,7 @@ def _state_diff(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
 def save_model(dir: str | Path, denoiser: nn.Module, spec: dict, meta: dict) -> None:
     """Write ``dir/model.safetensors`` and ``dir/model.json`` atomically (both temps first, then rename
     the weights, then the json, so a complete model.json always has its weights)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     dir = Path(dir)
@@ -109,9 +110,9 @@ def save_model(dir: str | Path, denoiser: nn.Module, spec: dict, meta: dict) -> 
         raise ModelError(f"the denoiser does not match its spec ({diff.lstrip('; ')})")
     text = json.dumps({"format": FORMAT, "version": VERSION, "spec": spec, "meta": meta}, indent=2,
                       allow_nan=False)
-    dir.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_j = dir / f".{MODEL_WEIGHTS}.tmp{os.getpid()}", dir / f".{MODEL_JSON}.tmp{os.getpid()}"
     try:
+        dir.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp_w), metadata={"format": "pt"})
         with open(tmp_j, "w") as f:
             f.write(text + "\n")
@@ -119,6 +120,10 @@ def save_model(dir: str | Path, denoiser: nn.Module, spec: dict, meta: dict) -> 
             os.fsync(f.fileno())
         os.replace(tmp_w, dir / MODEL_WEIGHTS)
         os.replace(tmp_j, dir / MODEL_JSON)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise ModelError(f"could not write the model to {dir} ({reason}); any previous model there "
+                         "is intact — free disk space and rerun the same command") from None
     finally:
         for tmp in (tmp_w, tmp_j):
             tmp.unlink(missing_ok=True)
@@ -130,9 +135,9 @@ def read_model_json(dir: str | Path) -> tuple[dict, dict]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelError(f"no {MODEL_JSON} in {dir}") from None
+        raise ModelError(f"no {MODEL_JSON} in {dir}; pass a directory written by fewstep") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from None
+        raise ModelError(f"cannot read {path} ({e}); restore it or re-export the model") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ModelError(f"{path} is not a fewstep model.json (missing \"format\": \"{FORMAT}\")")
     if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
@@ -168,12 +173,14 @@ def load_model(dir: str | Path) -> tuple[EDMPrecond, dict]:
     spec, meta = read_model_json(dir)
     if not (dir / MODEL_WEIGHTS).is_file():
         _refuse_pickles(dir, MODEL_WEIGHTS)
-        raise ModelError(f"no {MODEL_WEIGHTS} beside {dir / MODEL_JSON}")
+        raise ModelError(f"no {MODEL_WEIGHTS} beside {dir / MODEL_JSON}; copy the weights there or "
+                         "re-export the model")
     state = _load_weights(dir / MODEL_WEIGHTS)
     denoiser = build_denoiser(spec)
     diff = _state_diff(denoiser.state_dict(), state)
     if diff:
-        raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({diff})")
+        raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({diff}); keep the two files of one "
+                         "export together")
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     if floats:  # keep the saved precision (float64 identity tests round-trip bit-exactly)
         denoiser.to(floats[0])
@@ -193,7 +200,8 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     """
     p = Path(path)
     if not p.exists():
-        raise ModelError(f"teacher path {p} does not exist")
+        raise ModelError(f"teacher path {p} does not exist; pass a fewstep teacher run directory or a "
+                         "diffusers directory")
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             raise ModelError(f"{p} is a pickle file; fewstep never unpickles: give a directory with "

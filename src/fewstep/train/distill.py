@@ -2,10 +2,10 @@
 checkpoints, in-loop evaluation (DESIGN.md "Data flow of one distillation iteration").
 
 Per iteration: draw the real batch and the student noise for the global batch (sliced to this
-process), then run the generator and critic updates in the order and ratio of the schedule. The
-generator phase sums ``weight * loss.mean()`` over its terms; the critic phase (fake score and
-discriminator) likewise. Every term's value and, on logging steps, the norm of its gradient on
-the generator output are logged.
+process and its micro-batches), then run the generator and critic updates (``train/phases.py``) in
+the order and ratio of the schedule. Every term's value and, on logging steps, the norm of its
+gradient on the generator output are logged. Under torchrun, rank 0 writes every file and the
+other ranks wait for it (``train/dist.py``, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from fewstep.config import DistillRunConfig, to_dict
 from fewstep.data import Dataset, load_dataset
 from fewstep.errors import FewstepError
 from fewstep.losses import BASES, EXTRAS
-from fewstep.losses.base import Batch, GenOut, Method, Nets
+from fewstep.losses.base import Batch, Method, Nets
 from fewstep.models.io import load_teacher, save_model
 from fewstep.models.student import Student, default_sigmas
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 from fewstep.train import checkpoint as ckpt
-from fewstep.train.device import resolve_device
-from fewstep.train.ema import ema_beta, ema_update
-from fewstep.train.rng import StepRandom
-from fewstep.train.rollout import rollout
-from fewstep.train.rundir import prepare_run_dir
+from fewstep.train import dist
+from fewstep.train.control import BadStep, Bookkeeper, LogAccumulator, StopSignals, out_of_time, reseed
+from fewstep.train.phases import DISC, FAKE, GEN, critic_update, generator_update
+from fewstep.train.rng import StepRandom, derive_seed
+from fewstep.train.rundir import check_run_dir, discard_unstarted_run, record_config
 from fewstep.train.runlog import RunLog
 
-GEN, FAKE, DISC = "generator", "fake_score", "discriminator"
+__all__ = ["build_run", "make_batch", "train_iteration", "generator_update", "critic_update",
+           "run_state", "load_run_state", "train_distill"]
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Run:
     step: int = 0
     wall_s: float = 0.0
     bad_steps: int = 0
-    history: dict = field(default_factory=dict)
+    slices: list = field(default_factory=list)  # this process's [lo, hi) micro-batches of the batch
+    log_acc: LogAccumulator = field(default_factory=LogAccumulator)
 
     def terms(self, phases) -> list:
         return [t for m in self.methods for t in m.terms if t.phase in phases]
@@ -127,6 +129,10 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
     if tuple(data.shape) != shape:
         raise FewstepError(f"data '{data_name}' has samples of shape {tuple(data.shape)} but the "
                            f"teacher makes {shape}; pass the teacher's data set")
+    classes = int(getattr(teacher, "num_classes", 0))
+    if data.num_classes > classes > 0:
+        raise FewstepError(f"data '{data_name}' has labels 0..{data.num_classes - 1} but the teacher "
+                           f"knows {classes} classes; pass data whose labels are below {classes}")
     ctx = Context(sigma_data=float(getattr(teacher, "sigma_data", 0.5)), shape=shape,
                   num_classes=int(getattr(teacher, "num_classes", 0)), kind=data.kind,
                   seed=cfg.train.seed, iters=cfg.train.iters, teacher=teacher)
@@ -164,7 +170,8 @@ def _assemble(cfg, data, teacher, methods, weights, device) -> Run:
                            "(so sampling uses the same chain)")
     dp_detach = all(getattr(m, "dp_detach", True) for m in methods)
     ema = copy.deepcopy(student).requires_grad_(False) if cfg.train.ema_halflife > 0 else None
-    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach=dp_detach)
+    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach=dp_detach,
+               slices=dist.shard(dist.env(), cfg.train.batch, cfg.train.micro_batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,117 +212,6 @@ def sample_real(data: Dataset, labels_or_n, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def _set_trainable(run: Run, phase: str) -> None:
-    n = run.nets
-    n.student.requires_grad_(phase == GEN)
-    if n.fake is not None:
-        n.fake.requires_grad_(phase != GEN)
-    if n.head is not None:
-        n.head.requires_grad_(phase != GEN)
-
-
-def _phase_loss(run: Run, terms, batch, gen, grad_norms: bool) -> tuple[torch.Tensor, dict]:
-    total, logs = 0.0, {}
-    for term in terms:
-        out = term(run.nets, batch, gen)
-        w = run.weights.get(term.name, 1.0)
-        if hasattr(term, "calibrated_weight"):  # e.g. EL's gradient-ratio rule (el.md section 5)
-            params = [p for p in run.nets.student.parameters() if p.requires_grad]
-            w = term.calibrated_weight(params, total, out.loss.mean(), batch.step)
-            logs[f"{term.name}_lambda"] = float(w)
-        loss = w * out.loss.mean()
-        logs.update({k: float(v) for k, v in out.terms.items()})
-        logs[f"loss_{term.name}"] = float(loss.detach())
-        if not torch.isfinite(loss):
-            raise _BadStep(f"term '{term.name}' is {float(loss)}")
-        if grad_norms and gen is not None and gen.x is not None and gen.x.requires_grad:
-            logs.update(_grad_norms(term.name, loss, gen))
-        total = total + loss
-    return total, logs
-
-
-def _grad_norms(name: str, loss: torch.Tensor, gen: GenOut) -> dict:
-    """Norm of a term's gradient on the generator output (and on DP-DMD's first-step output)."""
-    outs = {"": gen.x}
-    if gen.x0_first is not None and gen.x0_first is not gen.x:
-        outs["_first"] = gen.x0_first
-    grads = torch.autograd.grad(loss, list(outs.values()), retain_graph=True, allow_unused=True)
-    return {f"gradnorm_{name}{k}": 0.0 if g is None else float(g.norm()) for k, g in zip(outs, grads)}
-
-
-class _BadStep(Exception):
-    pass
-
-
-def _clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -> None:
-    params = [p for p in params if p.grad is not None]
-    if max_value > 0:  # SiDA clips the critic by value (sid.md section 5)
-        torch.nn.utils.clip_grad_value_(params, max_value)
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else 0
-    if not torch.isfinite(torch.as_tensor(norm)):
-        raise _BadStep(f"{what} gradient is not finite")
-
-
-def _lr(o, step):
-    return o.lr * (min(1.0, (step + 1) / o.warmup) if o.warmup else 1.0)
-
-
-def generator_update(run: Run, batch: Batch, log_norms: bool) -> tuple[GenOut | None, dict]:
-    _set_trainable(run, GEN)
-    terms = run.terms({GEN})
-    gen = None
-    if any(t.uses_sample for t in terms):
-        gen = rollout(run.nets.student, batch, run.rollout_mode, dp_detach=run.dp_detach)
-    total, logs = _phase_loss(run, terms, batch, gen, log_norms)
-    opt = run.opts[GEN]
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    _clip_and_check(run.nets.student.parameters(), run.cfg.optim.grad_clip, "generator",
-                    run.cfg.optim.grad_clip_value)
-    for g in opt.param_groups:
-        g["lr"] = _lr(run.cfg.optim, run.step)
-    opt.step()
-    _after_generator_step(run)
-    return gen, logs
-
-
-def _after_generator_step(run: Run) -> None:
-    if run.ema is not None:
-        ema_update(run.ema, run.nets.student, ema_beta(run.step, run.cfg.train.ema_halflife,
-                                                       run.cfg.train.ema_rampup))
-    if run.nets.target is not None:
-        mu = getattr(run.methods[0], "target_mu", 0.0)
-        ema_update(run.nets.target, run.nets.student, mu)
-
-
-def critic_update(run: Run, batch: Batch, gen: GenOut | None) -> dict:
-    terms = run.terms({FAKE, DISC})
-    if not terms:
-        return {}
-    _set_trainable(run, FAKE)
-    if gen is None:
-        with torch.no_grad():
-            z = batch.rnd.randn("z_critic", *run.data.shape).to(batch.z)
-            gen = rollout(run.nets.student, batch, run.rollout_mode, z=z, dp_detach=run.dp_detach)
-    gen = GenOut(x=gen.x.detach(), x_T=gen.x_T.detach(), sigma=gen.sigma)
-    total, logs = _phase_loss(run, terms, batch, gen, False)
-    for name in (FAKE, DISC):
-        if name in run.opts:
-            run.opts[name].zero_grad(set_to_none=True)
-    total.backward()
-    for name, net, o in ((FAKE, run.nets.fake, run.cfg.fake_optim), (DISC, run.nets.head,
-                                                                       run.cfg.disc_optim)):
-        if name in run.opts:
-            _clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value)
-            for g in run.opts[name].param_groups:
-                g["lr"] = _lr(o, run.step)
-            run.opts[name].step()
-    return logs
-
-
 def is_generator_step(cfg: DistillRunConfig, step: int) -> bool:
     return step % cfg.schedule.ratio == cfg.schedule.gen_offset
 
@@ -325,24 +221,24 @@ def is_critic_step(cfg: DistillRunConfig, step: int) -> bool:
 
 
 def train_iteration(run: Run, log_norms: bool = False) -> dict:
-    """One iteration (generator and/or critic update per the schedule); returns logged values."""
+    """One iteration (generator and/or critic update per the schedule); returns logged values.
+
+    A refused update (non-finite term or gradient) returns ``{"refused_step": reason}`` and counts
+    in ``run.bad_steps``; the caller decides when to stop."""
     cfg, step = run.cfg, run.step
-    batch = make_batch(run, step)
-    logs, gen = {}, None
+    batches = [make_batch(run, step, lo, hi) for lo, hi in run.slices]
+    logs, gens = {}, None
     order = ("critic", "gen") if cfg.schedule.critic_first else ("gen", "critic")
     try:
         for phase in order:
             if phase == "gen" and is_generator_step(cfg, step):
-                gen, gl = generator_update(run, batch, log_norms)
+                gens, gl = generator_update(run, batches, log_norms)
                 logs.update(gl)
             elif phase == "critic" and is_critic_step(cfg, step):
-                logs.update(critic_update(run, batch, gen))
-    except _BadStep as e:  # checks run before each optimiser step, so nothing was applied
+                logs.update(critic_update(run, batches, gens))
+    except BadStep as e:  # checks run before each optimiser step, so nothing was applied
         run.bad_steps += 1
         logs = {"refused_step": str(e)}
-        if run.bad_steps > cfg.train.max_bad_steps:
-            raise FewstepError(f"stopped after {run.bad_steps} refused steps (last: {e}); the last "
-                               "good checkpoint is intact — lower the learning rates") from None
     run.step += 1
     return logs
 
@@ -354,7 +250,7 @@ def run_state(run: Run) -> dict:
     """Everything needed to continue exactly (DESIGN.md convention 7)."""
     n = run.nets
     state = {"step": run.step, "wall_s": run.wall_s, "bad_steps": run.bad_steps,
-             "student": n.student.state_dict(), "rng": ckpt.rng_state(),
+             "log_acc": run.log_acc.state_dict(), "student": n.student.state_dict(), "rng": ckpt.rng_state(),
              "opts": {k: o.state_dict() for k, o in run.opts.items()},
              "terms": {t.name: t.state_dict() for m in run.methods for t in m.terms
                        if hasattr(t, "state_dict")}}
@@ -381,6 +277,7 @@ def load_run_state(run: Run, s: dict) -> None:
             if hasattr(t, "load_state_dict") and t.name in s.get("terms", {}):
                 t.load_state_dict(s["terms"][t.name])
     run.step, run.wall_s, run.bad_steps = s["step"], s["wall_s"], s["bad_steps"]
+    run.log_acc.load_state_dict(s.get("log_acc"))
     ckpt.set_rng_state(s["rng"])
 
 
@@ -414,49 +311,50 @@ def export_model(run: Run, out: Path) -> None:
 
 
 def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:
+    """Distil (or resume, or skip if finished) into run directory ``out``; under torchrun every
+    process calls this and rank 0 writes the files."""
     out = Path(out)
-    device = resolve_device(cfg.train.device)
-    run = build_run(cfg, device)
-    status = prepare_run_dir(out, to_dict(cfg))
-    if status == "done":
-        print(f"{out} already holds the finished student; nothing to do")
-        return out
-    log = RunLog(out)
-    _setup_methods(run)
-    if status == "resume":
-        load_run_state(run, ckpt.load_latest(out / "checkpoints", map_location=device))
-        log.resume_from(run.step)
-    _loop(run, out, log, evaluate, progress)
-    export_model(run, out)
-    log.close()
+    with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
+        with torch.random.fork_rng(devices=[]):  # the same GAN-head init on every rank and run
+            torch.manual_seed(derive_seed(cfg.train.seed, "build"))
+            run = build_run(cfg, device)
+        existed = out.exists()
+        status = dist.on_main(check_run_dir, out, to_dict(cfg))
+        if status == "done":
+            if env.is_main:
+                print(f"{out} already holds the finished student; nothing to do")
+            return out
+        with discard_unstarted_run(out, existed, enabled=env.is_main and status == "new"):
+            _setup_methods(run)  # before loading: a term's saved state wins over its setup
+            if status == "resume":  # load before writing anything: a refused checkpoint changes nothing
+                load_run_state(run, ckpt.load_latest(out / "checkpoints", map_location=device))
+            dist.on_main(record_config, out, to_dict(cfg))
+            log = RunLog(out, enabled=env.is_main)
+            dist.on_main(log.resume_from, run.step)
+            with StopSignals() as stop:
+                _loop(run, out, log, evaluate, progress and env.is_main, stop)
+            dist.on_main(export_model, run, out)
+            log.close()
     return out
 
 
-def _loop(run: Run, out: Path, log: RunLog, evaluate, progress: bool) -> None:
-    t = run.cfg.train
+def _loop(run: Run, out: Path, log: RunLog, evaluate, progress: bool, stop: StopSignals) -> None:
+    t, books = run.cfg.train, Bookkeeper(run.cfg.train, out, log, stop)
     bar = tqdm(total=t.iters, initial=run.step, desc=f"distill {run.cfg.method}",
                disable=not progress, dynamic_ncols=True)
-    acc: dict[str, list] = {}
     t0 = time.perf_counter() - run.wall_s
-    while run.step < t.iters:
+    eval_fn = (lambda: evaluate(_eval_model(run), run.step)) if evaluate else None
+    done = out_of_time(t, run.wall_s)
+    while run.step < t.iters and not done:
+        reseed(t.seed, run.step)
         logs = train_iteration(run, log_norms=(run.step + 1) % t.log_every == 0)
         run.wall_s = time.perf_counter() - t0
-        for k, v in logs.items():
-            acc.setdefault(k, []).append(v)
         bar.update(1)
-        step = run.step
-        if step % t.log_every == 0 or step == t.iters:
-            rec = {k: (v[-1] if isinstance(v[-1], str) else sum(v) / len(v)) for k, v in acc.items()}
-            log.log({"iteration": step, "wall_s": round(run.wall_s, 3), **rec})
-            acc.clear()
-        if evaluate and t.eval_every and step % t.eval_every == 0 and step < t.iters:
-            log.log({"iteration": step, "wall_s": round(run.wall_s, 3), **evaluate(_eval_model(run), step)})
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.iters:
-            ckpt.save_checkpoint(out / "checkpoints", step, run_state(run))
+        done = out_of_time(t, run.wall_s)  # equal wall-clock budgets (train.time_budget_s)
+        books.after(run.step, run.wall_s, logs, run.log_acc, run.bad_steps, lambda: run_state(run), eval_fn,
+                    last=run.step == t.iters or done)
     bar.close()
-    if evaluate:
-        log.log({"iteration": run.step, "wall_s": round(run.wall_s, 3),
-                 **evaluate(_eval_model(run), run.step)})
+    books.final(run.step, run.wall_s, eval_fn)
 
 
 def _eval_model(run: Run):

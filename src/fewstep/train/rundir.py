@@ -9,7 +9,9 @@ is never overwritten.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -17,8 +19,11 @@ import yaml
 from fewstep.errors import FewstepError
 
 # keys that may change between an interrupted run and its resumption
+# (micro_batch and the process count change only float summation order: a preempted job may be
+# resumed on another number of devices)
 RESUMABLE_KEYS = {"train.iters", "train.device", "train.log_every", "train.eval_every",
-                  "train.eval_n", "train.ckpt_every"}
+                  "train.eval_n", "train.ckpt_every", "train.max_bad_steps", "train.micro_batch",
+                  "train.time_budget_s"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -59,18 +64,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise FewstepError(f"could not write {path} ({e.strerror or e})") from None
 
 
-def prepare_run_dir(out: Path, config: dict) -> str:
-    """Check ``out`` and record ``config``. Returns ``"new"``, ``"resume"`` or ``"done"``.
+def check_run_dir(out: Path, config: dict) -> str:
+    """Check ``out`` against ``config`` without writing. Returns ``"new"``, ``"resume"`` or ``"done"``.
 
-    ``"done"`` means a finished run with the same config and at least as many iterations.
-    """
+    ``"done"`` means a finished run with the same config and at least as many iterations."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FewstepError(f"--out {out} exists and is not a directory; choose a directory path")
     cfg_path = out / "config.yaml"
     if cfg_path.exists():
-        old = yaml.safe_load(cfg_path.read_text()) or {}
-        diff = config_differences(old, config)
+        try:
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise FewstepError(f"{cfg_path} is unreadable ({str(e).splitlines()[0]}); restore it or choose "
+                               "another --out") from None
+        diff = config_differences(old if isinstance(old, dict) else {}, config)
         if diff:
             raise FewstepError(f"{out} holds a run with a different config ({', '.join(diff[:3])}); "
                                "choose another --out, or repeat the original settings to resume")
@@ -80,10 +88,22 @@ def prepare_run_dir(out: Path, config: dict) -> str:
     elif out.exists() and any(out.iterdir()):
         raise FewstepError(f"--out {out} is a non-empty directory that is not a fewstep run; "
                            "choose a new or empty directory")
-    ensure_writable_dir(out)
-    atomic_write_text(cfg_path, yaml.safe_dump(config, sort_keys=False))
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
     return "resume" if has_ckpt else "new"
+
+
+def record_config(out: Path, config: dict) -> None:
+    """Create ``out`` (proving it writable) and write the resolved ``config.yaml`` atomically."""
+    ensure_writable_dir(Path(out))
+    atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def prepare_run_dir(out: Path, config: dict) -> str:
+    """:func:`check_run_dir`, then :func:`record_config` unless the run is done."""
+    status = check_run_dir(out, config)
+    if status != "done":
+        record_config(out, config)
+    return status
 
 
 def _finished_iters(out: Path) -> int | None:
@@ -97,3 +117,33 @@ def _finished_iters(out: Path) -> int | None:
         return int(json.loads(meta_path.read_text()).get("meta", {}).get("iterations", -1))
     except (ValueError, OSError):
         return None
+
+
+# what a run writes before its first checkpoint (never model files: they may predate this attempt)
+_UNSTARTED = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples")
+
+
+@contextmanager
+def discard_unstarted_run(out: Path, existed: bool, enabled: bool = True):
+    """On a user error (``FewstepError``) before a new run's first checkpoint, remove what it wrote,
+    so a failed start leaves nothing behind (and the same command can simply be run again)."""
+    try:
+        yield
+    except FewstepError:
+        if enabled and out.is_dir():
+            _discard(out, existed)
+        raise
+
+
+def _discard(out: Path, existed: bool) -> None:
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt")):
+        return  # the run has started: keep everything for the resume
+    for name in _UNSTARTED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+    if not existed and not any(out.iterdir()):
+        out.rmdir()

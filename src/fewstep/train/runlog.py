@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from fewstep.errors import FewstepError
+
 
 def _clean(v):
     if hasattr(v, "item"):
@@ -13,6 +15,14 @@ def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def _iteration(line: str) -> float:
+    """A line's iteration, or +inf for a blank or torn (unparsable) line."""
+    try:
+        return json.loads(line).get("iteration", -1)
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 class RunLog:
@@ -26,18 +36,24 @@ class RunLog:
         self._tb_dir = Path(run_dir) / "tb" if tensorboard else None
 
     def resume_from(self, step: int) -> None:
+        """Keep the lines up to ``step``; a line torn by a kill mid-write is dropped."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) <= step]
-        self.path.write_text("".join(k + "\n" for k in keep))
+        from fewstep.train.rundir import atomic_write_text
+
+        keep = [line for line in self.path.read_text().splitlines() if _iteration(line) <= step]
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise FewstepError(f"could not write {self.path} ({e.strerror or e}); checkpoints are intact "
+                               "— free disk space and rerun the same command to resume") from None
         self._tensorboard(record)
 
     def _tensorboard(self, record: dict) -> None:
@@ -65,4 +81,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line torn by a kill mid-write
+            continue
+    return out

@@ -1,0 +1,203 @@
+"""The two update phases of a distillation iteration: generator, and critic (fake score + GAN head).
+
+A phase runs over the process's micro-batches (one unless ``train.micro_batch`` is set), sums
+``weight * loss.mean()`` over its terms, back-propagates each micro-batch's sum scaled by its share
+of the local batch, averages gradients over processes (``dist.sync_gradients``), refuses the
+update if any term or gradient is non-finite on any process, then clips and steps. A refused
+phase changes nothing: no optimiser steps, and term state (e.g. EL's calibration) is restored.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fewstep.losses.base import Batch, GenOut
+from fewstep.train import dist
+from fewstep.train.control import BadStep
+from fewstep.train.ema import ema_beta, ema_update
+from fewstep.train.rollout import rollout
+
+GEN, FAKE, DISC = "generator", "fake_score", "discriminator"
+
+
+def set_trainable(run, phase: str) -> None:
+    n = run.nets
+    n.student.requires_grad_(phase == GEN)
+    if n.fake is not None:
+        n.fake.requires_grad_(phase != GEN)
+    if n.head is not None:
+        n.head.requires_grad_(phase != GEN)
+
+
+def phase_loss(run, terms, batch: Batch, gen, grad_norms: bool, bad: dict, lam: dict):
+    """``(sum of weighted term means, logs)``; non-finite terms are recorded in ``bad`` and left out.
+
+    A term's calibrated weight (EL's gradient-ratio rule, el.md section 5) is computed once per
+    update (the first micro-batch) with gradient statistics averaged over processes, and cached
+    in ``lam`` for the other micro-batches."""
+    total, logs = 0.0, {}
+    for term in terms:
+        out = term(run.nets, batch, gen)
+        w = run.weights.get(term.name, 1.0)
+        if hasattr(term, "calibrated_weight"):
+            if term.name not in lam:
+                params = [p for p in run.nets.student.parameters() if p.requires_grad]
+                lam[term.name] = term.calibrated_weight(params, total, out.loss.mean(), batch.step,
+                                                        all_mean=dist.all_mean)
+            w = lam[term.name]
+            logs[f"{term.name}_lambda"] = float(w)
+        loss = w * out.loss.mean()
+        logs.update({k: float(v) for k, v in out.terms.items()})
+        logs[f"loss_{term.name}"] = float(loss.detach())
+        if not torch.isfinite(loss):
+            bad.setdefault(term.name, float(loss.detach()))
+            continue
+        if grad_norms and gen is not None and gen.x is not None and gen.x.requires_grad:
+            logs.update(_grad_norms(term.name, loss, gen))
+        total = total + loss
+    return total, logs
+
+
+def _grad_norms(name: str, loss: torch.Tensor, gen: GenOut) -> dict:
+    """Norm of a term's gradient on the generator output (and on DP-DMD's first-step output)."""
+    outs = {"": gen.x}
+    if gen.x0_first is not None and gen.x0_first is not gen.x:
+        outs["_first"] = gen.x0_first
+    grads = torch.autograd.grad(loss, list(outs.values()), retain_graph=True, allow_unused=True)
+    return {f"gradnorm_{name}{k}": 0.0 if g is None else float(g.norm()) for k, g in zip(outs, grads)}
+
+
+def _backward(total, batch: Batch, local_batch: int) -> None:
+    """Back-propagate one micro-batch's loss, weighted by its share of the local batch, so the
+    summed gradient is that of the mean over the whole local batch (exact for per-sample terms)."""
+    share = len(batch.z) / local_batch
+    (total if share == 1 else total * share).backward()
+
+
+def clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -> None:
+    params = [p for p in params if p.grad is not None]
+    if max_value > 0:  # SiDA clips the critic by value (sid.md section 5)
+        torch.nn.utils.clip_grad_value_(params, max_value)
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else 0
+    if not torch.isfinite(torch.as_tensor(norm)):
+        raise BadStep(f"{what} gradient is not finite")
+
+
+def lr_at(o, step: int) -> float:
+    return o.lr * (min(1.0, (step + 1) / o.warmup) if o.warmup else 1.0)
+
+
+def apply_updates(run, specs, terms, bad: dict) -> None:
+    """Average gradients over processes; refuse if a term or gradient is not finite anywhere
+    (every process agrees), else clip and step each ``(optimiser name, network, config)``."""
+    params = [p for _, net, _ in specs for p in net.parameters()]
+    flags = dist.sync_gradients(params, torch.tensor([float(t.name in bad) for t in terms]))
+    names = [t.name for t, f in zip(terms, flags.tolist()) if f > 0]
+    if names:
+        raise BadStep("; ".join(f"term '{n}' is {bad[n]}" if n in bad else
+                                f"term '{n}' is not finite on another process" for n in names))
+    for name, net, o in specs:  # check everything before stepping anything
+        clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value)
+    for name, _, o in specs:
+        for g in run.opts[name].param_groups:
+            g["lr"] = lr_at(o, run.step)
+        run.opts[name].step()
+
+
+def term_states(run) -> dict:
+    return {id(t): copy.deepcopy(t.state_dict()) for m in run.methods for t in m.terms
+            if hasattr(t, "state_dict")}
+
+
+def restore_term_states(run, states: dict) -> None:
+    for m in run.methods:
+        for t in m.terms:
+            if id(t) in states:
+                t.load_state_dict(states[id(t)])
+
+
+def _as_list(batches):
+    return ([batches], True) if isinstance(batches, Batch) else (list(batches), False)
+
+
+def mean_logs(logs: list[dict]) -> dict:
+    """Per-micro-batch logs averaged key by key (some, e.g. EL's calibration, exist only once)."""
+    if len(logs) == 1:
+        return logs[0]
+    keys = dict.fromkeys(k for d in logs for k in d)
+    return {k: sum(vals) / len(vals) for k in keys if (vals := [d[k] for d in logs if k in d])}
+
+
+def _detached(gen: GenOut | None) -> GenOut | None:
+    return None if gen is None else GenOut(x=gen.x.detach(), x_T=gen.x_T.detach(), sigma=gen.sigma)
+
+
+def generator_update(run, batches, log_norms: bool):
+    """The generator phase; returns the (detached) samples per micro-batch and the logs.
+
+    ``batches`` is one Batch (returns one sample) or the list of micro-batches."""
+    batches, single = _as_list(batches)
+    set_trainable(run, GEN)
+    terms = run.terms({GEN})
+    run.opts[GEN].zero_grad(set_to_none=True)
+    saved, gens, logs, bad, lam = term_states(run), [], [], {}, {}
+    local = sum(len(b.z) for b in batches)
+    for batch in batches:
+        gen = None
+        if any(t.uses_sample for t in terms):
+            gen = rollout(run.nets.student, batch, run.rollout_mode, dp_detach=run.dp_detach)
+        total, lg = phase_loss(run, terms, batch, gen, log_norms, bad, lam)
+        if not bad:
+            _backward(total, batch, local)
+        gens.append(_detached(gen))
+        logs.append(lg)
+    try:
+        apply_updates(run, [(GEN, run.nets.student, run.cfg.optim)], terms, bad)
+    except BadStep:
+        restore_term_states(run, saved)
+        raise
+    _after_generator_step(run)
+    return (gens[0] if single else gens), mean_logs(logs)
+
+
+def _after_generator_step(run) -> None:
+    if run.ema is not None:
+        ema_update(run.ema, run.nets.student, ema_beta(run.step, run.cfg.train.ema_halflife,
+                                                       run.cfg.train.ema_rampup))
+    if run.nets.target is not None:
+        mu = getattr(run.methods[0], "target_mu", 0.0)
+        ema_update(run.nets.target, run.nets.student, mu)
+
+
+def critic_update(run, batches, gens=None) -> dict:
+    """The critic phase on the generator phase's samples (detached), or on a fresh no-grad rollout
+    from the ``z_critic`` stream when the generator did not go first."""
+    batches, single = _as_list(batches)
+    gens = [gens] if single else (gens or [None] * len(batches))
+    terms = run.terms({FAKE, DISC})
+    if not terms:
+        return {}
+    set_trainable(run, FAKE)
+    for name in (FAKE, DISC):
+        if name in run.opts:
+            run.opts[name].zero_grad(set_to_none=True)
+    logs, bad, local = [], {}, sum(len(b.z) for b in batches)
+    for batch, gen in zip(batches, gens):
+        if gen is None:
+            with torch.no_grad():
+                z = batch.rnd.randn("z_critic", *run.data.shape).to(batch.z)
+                gen = rollout(run.nets.student, batch, run.rollout_mode, z=z, dp_detach=run.dp_detach)
+        total, lg = phase_loss(run, terms, batch, _detached(gen), False, bad, {})
+        if not bad:
+            _backward(total, batch, local)
+        logs.append(lg)
+    specs = [(name, net, o) for name, net, o in ((FAKE, run.nets.fake, run.cfg.fake_optim),
+                                                 (DISC, run.nets.head, run.cfg.disc_optim))
+             if name in run.opts]
+    apply_updates(run, specs, terms, bad)
+    return mean_logs(logs)

@@ -1,0 +1,49 @@
+"""The benchmark harness end to end on a reduced suite (issue 8: `bench --suite quick` in CI-like
+conditions), plus DPM-Solver++ against the exact ODE."""
+
+import json
+import math
+
+import torch
+
+from fewstep.bench.report import write_bench_report
+from fewstep.bench.runner import job_record, run_jobs
+from fewstep.bench.suites import SUITES, smoke
+from fewstep.core.mixture import GaussianMixture, MixtureDenoiser
+from fewstep.core.sampling import karras_sigmas, sample_heun
+from fewstep.train.dpm import sample_dpmpp
+
+
+def test_suites_are_consistent():
+    for name, build in SUITES.items():
+        jobs = build()
+        names = [j.name for j in jobs]
+        assert len(names) == len(set(names)), name
+        for j in jobs:
+            assert all(d in names for d in j.deps), (name, j.name)
+
+
+def test_dpmpp_approaches_the_exact_ode():
+    mu, s = torch.tensor([[0.5, -0.5]], dtype=torch.float64), 0.3
+    D = MixtureDenoiser(GaussianMixture.isotropic(mu, s))
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mu + (80 * z - mu) * math.sqrt(s**2) / math.sqrt(s**2 + 80.0**2)  # ODE to sigma = 0
+    assert (sample_heun(D, 80 * z, karras_sigmas(256)) - exact).abs().max() < 1e-3
+    errs = [(sample_dpmpp(D, z, n) - exact).abs().max().item() for n in (4, 20, 50)]
+    assert errs[2] < errs[1] < errs[0] and errs[2] < 0.02
+
+
+def test_smoke_suite_runs_and_reports(tmp_path):
+    jobs = smoke()
+    records = run_jobs(jobs, tmp_path, parallel=2, threads=1, progress=False)
+    assert len(records) == len(jobs), [j.name for j in jobs if job_record(tmp_path, j) is None]
+    for j in jobs:
+        if j.kind == "eval":
+            m = json.loads((tmp_path / j.name / "eval.json").read_text())
+            assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), j.name
+            assert m["nfe"] >= 1 and m["n_samples"] == 200
+    md, page = write_bench_report("smoke", jobs, records, tmp_path)
+    text = md.read_text()
+    assert "dmd + el=1" in text and "teacher, dpmpp" in text and "fewstep distill" in text
+    # a second run finds everything cached
+    assert run_jobs(jobs, tmp_path, parallel=2, progress=False) == records

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("demo", help="the whole story on ring8 (+ a digits8 teacher) in ~10 minutes")
+    p.add_argument("--out", default="runs/demo", help="demo directory (re-run to resume)")
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("perf", help="sampling and training speed as ratios, measured in one process")
     p.add_argument("--teacher", required=True, help="teacher directory")
     p.add_argument("--students", nargs="*", default=[], help="student directories")
@@ -248,7 +253,32 @@ def cmd_bench(args) -> int:
     records = run_jobs(jobs, root, parallel=args.jobs, threads=args.threads,
                        progress=not args.no_progress)
     md, page = write_bench_report(args.suite, jobs, records, root)
-    print(f"{len(records)}/{len(jobs)} jobs done; report: {md} and {page}")
+    from fewstep.bench.claims import write_claims
+
+    claims = write_claims(args.suite, jobs, root) if args.suite in ("el", "dp", "tfd") else None
+    print(f"{len(records)}/{len(jobs)} jobs done; report: {md} and {page}"
+          + (f"; claims: {claims}" if claims else ""))
+    return 0 if len(records) == len(jobs) else 1
+
+
+def cmd_demo(args) -> int:
+    """The whole story on the default data: the ``demo`` suite, then a report with pictures."""
+    from fewstep.bench.report import write_bench_report
+    from fewstep.bench.runner import run_jobs
+    from fewstep.bench.suites import demo
+    from fewstep.report.report import write_report
+    from fewstep.train.rundir import ensure_writable_dir
+
+    root = Path(args.out)
+    ensure_writable_dir(root)
+    jobs = demo()
+    records = run_jobs(jobs, root, parallel=args.jobs, threads=1, progress=not args.no_progress)
+    done = {r["name"] for r in records}
+    write_bench_report("demo", jobs, records, root)
+    runs = [root / j.name for j in jobs if j.kind in ("teacher", "distill") and j.name in done]
+    md, page = write_report(runs, root / "report", title="fewstep demo")
+    print(f"{len(records)}/{len(jobs)} demo jobs done in {sum(r['wall_s'] for r in records):.0f} s of "
+          f"process time; tables: {root / 'bench-demo.md'}; report with pictures: {page}")
     return 0 if len(records) == len(jobs) else 1
 
 
@@ -282,7 +312,8 @@ def cmd_featnet(args) -> int:
 
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-            "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf}
+            "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf,
+            "demo": cmd_demo}
 
 
 def _set_threads() -> None:

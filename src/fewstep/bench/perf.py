@@ -53,12 +53,14 @@ def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
 
 
 def method_configs(teacher: str, specs: list[str], batch: int | None = None) -> dict:
-    """``"dmd+el"`` / ``"dmd+dp@4"`` -> resolved configs (method defaults + the teacher's presets)."""
+    """``"dmd+el"`` / ``"dmd+dp@4"`` / ``"tfd|tfd.coverage=false"`` -> resolved configs (method
+    defaults + the teacher's presets + overrides after ``|``)."""
     from fewstep.cli import _resolve_distill_config, build_parser
 
     out = {}
     for spec in specs:
-        head, _, steps = spec.partition("@")
+        spec_main, *overrides = spec.split("|")
+        head, _, steps = spec_main.partition("@")
         method, *extras = head.split("+")
         argv = ["distill", "--teacher", teacher, "--method", method, "--out", "unused"]
         for e in extras:
@@ -67,7 +69,7 @@ def method_configs(teacher: str, specs: list[str], batch: int | None = None) -> 
             argv += ["--steps", steps, "student.renoise=ddim"]
         if batch:
             argv += ["--batch", str(batch)]
-        out[spec] = _resolve_distill_config(build_parser().parse_args(argv))
+        out[spec] = _resolve_distill_config(build_parser().parse_args(argv + overrides))
     return out
 
 

@@ -42,7 +42,7 @@ def job_record(root: Path, job: Job) -> dict | None:
 
 def _run_one(job: Job, root: Path, threads: int) -> subprocess.Popen:
     (root / "_jobs").mkdir(parents=True, exist_ok=True)
-    if job.kind == "eval":
+    if job.kind in ("eval", "perf"):
         (root / job.name).mkdir(exist_ok=True)
     env = {**os.environ, "FEWSTEP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     log = open(root / "_jobs" / f"{job.name}.log", "a")

@@ -30,8 +30,10 @@ def distill_job(teacher: Job, method: str, extras: dict | None = None, steps: in
                 tag: str = "", eval_every: int | None = None) -> Job:
     extras = extras or {}
     ex = "".join(f"+{k}{v:g}" for k, v in extras.items())
+    # the name encodes everything that changes the model, so suites sharing an --out share runs
+    budget = (f"-i{iters}" if iters else "") + (f"-b{batch}" if batch else "")
     name = f"{teacher.tags['data']}{'-cond' if teacher.tags['conditional'] else ''}-{method}{ex}" \
-           f"-k{steps}{'-' + tag if tag else ''}-s{seed}"
+           f"-k{steps}{budget}{'-' + tag if tag else ''}-s{seed}"
     args = ["distill", "--teacher", f"{{root}}/{teacher.name}", "--method", method, "--out", "{out}",
             "--steps", str(steps), "--seed", str(seed)]
     for k, v in extras.items():
@@ -66,10 +68,27 @@ def eval_job(model: Job, nfe: int | None = None, sampler: str = "heun", n: int |
     return Job(name, args, deps=[model.name], kind="eval", tags=tags)
 
 
-def _students_with_evals(jobs: list[Job], teacher: Job, specs: list[dict], n: int | None = None):
+def perf_job(teacher: Job, students: list[Job], methods: list[str], name: str = "") -> Job:
+    """Speed ratios measured in one process (``fewstep perf``): students over the teacher's 35-NFE
+    Heun, training time per iteration of each method over dmd's."""
+    args = ["perf", "--teacher", f"{{root}}/{teacher.name}", "--json", "{out}/perf.json",
+            "--students", *[f"{{root}}/{s.name}" for s in students], "--methods", *methods]
+    return Job(name or f"perf-{teacher.name}", args, deps=[teacher.name] + [s.name for s in students],
+               kind="perf", tags=dict(teacher.tags))
+
+
+def _students_with_evals(jobs: list[Job], teacher: Job, specs: list[dict], n: int | None = None,
+                         repeats: int = 1) -> list[Job]:
+    """Append a distill job and its evaluation for each spec; returns the distill jobs."""
+    made = []
     for spec in specs:
         d = distill_job(teacher, **spec)
-        jobs += [d, eval_job(d, n=n)]
+        ev = eval_job(d, n=n)
+        if repeats > 1:
+            ev.args += ["--repeats", str(repeats)]
+        jobs += [d, ev]
+        made.append(d)
+    return made
 
 
 def teacher_sweep(teacher: Job, heun_steps=(1, 2, 4, 8, 18), dpm_nfe=(1, 2, 4, 8, 10),
@@ -87,7 +106,9 @@ def quick() -> list[Job]:
     specs = [{"method": m, "iters": 300} for m in (*BASES_1STEP, "drift")]
     specs += [{"method": "dmd", "extras": {"el": 1.0}, "iters": 300},
               {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4, "iters": 300}]
-    _students_with_evals(jobs, t_ring, specs, n=1000)
+    made = _students_with_evals(jobs, t_ring, specs, n=1000)
+    jobs.append(perf_job(t_ring, [made[0], made[-1]], ["dmd", "dmd+el", "dmd+dp@4", "di", "sid", "cd",
+                                                       "tfd", "drift"]))
     jobs.append(eval_job(t_dig, nfe=7, n=300))
     _students_with_evals(jobs, t_dig, [{"method": "dmd", "iters": 40, "batch": 32},
                                        {"method": "dmd", "extras": {"el": 1.0}, "iters": 40,
@@ -96,22 +117,28 @@ def quick() -> list[Job]:
 
 
 def full(seeds=(0, 1, 2)) -> list[Job]:
-    """BENCHMARKS.md's full matrix at CPU budgets: mixtures with 3 seeds, digits8 with one."""
+    """BENCHMARKS.md's full matrix at CPU budgets (about 2 hours with --jobs 2): ring8 with 3 seeds,
+    grid25 and digits8 (unconditional and class-conditional) with one."""
     jobs: list[Job] = []
     for data in MIXTURES:
         t = teacher_job(data)
         jobs += [t] + teacher_sweep(t)
-        specs = [{"method": m, "extras": ex, "seed": s} for s in seeds for m in BASES_1STEP
-                 for ex in ({}, {"el": 1.0})]
-        specs += [{"method": "dmd", "extras": ex, "steps": 4, "seed": s} for s in seeds
-                  for ex in ({}, {"dp": 0.05})]
-        _students_with_evals(jobs, t, specs)
+        specs = [{"method": m, "extras": ex, "seed": s} for s in (seeds if data == "ring8" else (0,))
+                 for m in BASES_1STEP for ex in ({}, {"el": 1.0})]
+        specs += [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
+                  for s in (seeds if data == "ring8" else (0,)) for ex in ({}, {"dp": 0.05})]
+        made = _students_with_evals(jobs, t, specs)
+        if data == "ring8":
+            firsts = [d for d in made if d.tags["seed"] == 0]
+            jobs.append(perf_job(t, firsts, ["dmd", "dmd+el", "dmd@4", "dmd+dp@4", "di", "di+el", "sid",
+                                             "sid+el", "cd", "cd+el", "tfd", "tfd+el"]))
     for cond in (False, True):
         t = teacher_job("digits8", conditional=cond)
-        jobs += [t] + teacher_sweep(t, heun_steps=(1, 4, 18), dpm_nfe=(4, 10))
+        jobs += [t] + teacher_sweep(t, heun_steps=(1, 4, 18), dpm_nfe=(1, 2, 4, 8, 10))
         specs = [{"method": m, "extras": ex} for m in ("dmd", "tfd") for ex in ({}, {"el": 1.0})]
         specs += [{"method": "dmd", "extras": ex, "steps": 4} for ex in ({}, {"dp": 0.05})]
-        _students_with_evals(jobs, t, specs)
+        made = _students_with_evals(jobs, t, specs, repeats=3)
+        jobs.append(perf_job(t, made, ["dmd", "dmd+el", "dmd@4", "dmd+dp@4", "tfd"]))
     return jobs
 
 
@@ -143,32 +170,27 @@ def demo() -> list[Job]:
 # ---------------------------------------------------------------------------------------------
 # claim experiments (issues 5-7); budgets chosen so each suite fits a few CPU hours
 # ---------------------------------------------------------------------------------------------
-BUDGET = {"ring8": 6000, "grid25": 6000, "digits8": 1500}
-EVAL_EVERY = {"ring8": 500, "grid25": 500, "digits8": 250}
-
-
 def el_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
     """Embedding Loss: B vs B+el for B in {dmd, di, sid} at equal iterations, small batch, ablations."""
     jobs: list[Job] = []
     for data in (*MIXTURES, "digits8"):
         t = teacher_job(data)
         jobs += [t, eval_job(t)]
-        T, every = BUDGET[data], EVAL_EVERY[data]
+        made = []
         for s in (seeds if data != "digits8" else digits_seeds):
-            specs = [{"method": m, "extras": ex, "seed": s, "iters": T, "eval_every": every}
-                     for m in ("dmd", "di", "sid") for ex in ({}, {"el": 1.0})]
+            specs = [{"method": m, "extras": ex, "seed": s} for m in ("dmd", "di", "sid")
+                     for ex in ({}, {"el": 1.0})]
             if data != "digits8":  # small batch: B+el at 16 vs B at 128
-                specs += [{"method": "dmd", "extras": {"el": 1.0}, "seed": s, "iters": T, "batch": 16,
-                           "eval_every": every, "tag": "b16"},
-                          {"method": "dmd", "seed": s, "iters": T, "batch": 128, "eval_every": every,
-                           "tag": "b128"}]
-            _students_with_evals(jobs, t, specs)
+                specs += [{"method": "dmd", "extras": {"el": 1.0}, "seed": s, "batch": 16},
+                          {"method": "dmd", "seed": s, "batch": 128}]
+            made += _students_with_evals(jobs, t, specs)
         if data == "digits8":  # ablations with dmd
             abl = [("K1", ["el.K=1"]), ("K8", ["el.K=8"]), ("linear", ["el.kernel=linear"]),
                    ("fixed", ["el.redraw=false"])]
-            _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "iters": T,
-                                            "eval_every": every, "tag": tag, "overrides": tuple(ov)}
-                                           for tag, ov in abl])
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "tag": tag,
+                                            "overrides": tuple(ov)} for tag, ov in abl])
+        jobs.append(perf_job(t, [], ["dmd", "dmd+el", "di", "di+el", "sid", "sid+el"],
+                             name=f"perf-el-{data}"))
     return jobs
 
 
@@ -178,21 +200,18 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
         jobs += [t, eval_job(t)]
-        T, every = BUDGET[data], EVAL_EVERY[data]
         for s in (seeds if data != "digits8" else digits_seeds):
-            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s,
-                                            "iters": T, "eval_every": every}
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
                                            for ex in ({}, {"dp": 0.05})])
         if data == "ring8":
             abl = [("K3", {"dp": 0.05}, ["dp.anchor_k=3"]), ("K10", {"dp": 0.05}, ["dp.anchor_k=10"]),
                    ("nodetach", {"dp": 0.05}, ["dp.detach=false"]), ("lam0.01", {"dp": 0.01}, []),
                    ("lam0.2", {"dp": 0.2}, [])]
-            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "iters": T,
-                                            "eval_every": every, "tag": tag, "overrides": tuple(ov)}
-                                           for tag, ex, ov in abl])
-        _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1, "iters": T,
-                                        "eval_every": every, "tag": "final-anchor",
-                                        "overrides": ("dp.anchor_k=30",)}])
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "tag": tag,
+                                            "overrides": tuple(ov)} for tag, ex, ov in abl])
+        _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1,
+                                        "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}])
+        jobs.append(perf_job(t, [], ["dmd@4", "dmd+dp@4"], name=f"perf-dp-{data}"))
     return jobs
 
 
@@ -204,17 +223,19 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
         t = teacher_job(data)
         jobs += [t, eval_job(t)]
         budget = (f"train.time_budget_s={wall[data]}", "train.iters=1000000")
-        every = EVAL_EVERY[data]
-        arms = [("tfd", ()), ("tfd", ("tfd.coverage=false",)), ("drift", ()), ("dmd", ())]
+        w = f"wall{wall[data]}"
+        arms = [("tfd", w, ()), ("tfd", f"{w}-nocov", ("tfd.coverage=false",)), ("drift", w, ()),
+                ("dmd", w, ())]
         for s in (seeds if data != "digits8" else digits_seeds):
-            _students_with_evals(jobs, t, [{"method": m, "seed": s, "eval_every": every,
-                                            "tag": "nocov" if ov else "", "overrides": budget + ov}
-                                           for m, ov in arms])
+            _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": budget + ov}
+                                           for m, tag, ov in arms])
         if data == "ring8":
             abl = [("sf0.02", ("tfd.sigma_f=0.02",)), ("sf0.5", ("tfd.sigma_f=0.5",)),
                    ("deep", ("tfd.tap_set=deep", "tfd.raw_coords=false"))]
-            _students_with_evals(jobs, t, [{"method": "tfd", "eval_every": every, "tag": tag,
-                                            "overrides": budget + ov} for tag, ov in abl])
+            _students_with_evals(jobs, t, [{"method": "tfd", "tag": f"{w}-{tag}", "overrides": budget + ov}
+                                           for tag, ov in abl])
+        jobs.append(perf_job(t, [], ["dmd", "tfd", "tfd|tfd.coverage=false", "drift"],
+                             name=f"perf-tfd-{data}"))
     return jobs
 
 

@@ -159,11 +159,9 @@ def demo() -> list[Job]:
     t_ring, t_dig = teacher_job("ring8"), teacher_job("digits8", iters=2000)
     jobs = [t_ring, t_dig, eval_job(t_ring), eval_job(t_ring, nfe=4, sampler="dpmpp"),
             eval_job(t_dig, nfe=35)]
-    _students_with_evals(jobs, t_ring, [{"method": "dmd", "iters": 4000},
-                                        {"method": "dmd", "extras": {"el": 1.0}, "iters": 4000},
-                                        {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4,
-                                         "iters": 4000},
-                                        {"method": "tfd", "iters": 1500}])
+    _students_with_evals(jobs, t_ring, [{"method": "dmd"}, {"method": "dmd", "extras": {"el": 1.0}},
+                                        {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4},
+                                        {"method": "tfd"}])  # the presets' budgets
     return jobs
 
 

@@ -69,34 +69,51 @@ def metrics_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _data_of(s: dict) -> str:
+    return (s["config"].get("data") or {}).get("name") or s["meta"].get("data", {}).get("name", "?")
+
+
+def _curve_panel(ax, students, teachers, key, axis, label):
+    for s in students:
+        pts = [(r[axis], r[key]) for r in s["evals"] if key in r and axis in r]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=s["name"])
+    for t in teachers:  # a teacher is a reference level, not a curve
+        if key in t["final"]:
+            ax.axhline(t["final"][key], color="C3", ls=":", lw=1,
+                       label=f"{t['name']} ({t['final'].get('nfe') or t['meta'].get('nfe', '')} NFE)")
+    floor = next((s["final"].get(f"{key}_floor") for s in students + teachers
+                  if f"{key}_floor" in s["final"]), None)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="--", lw=0.8, label="real-vs-real floor")
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel(label, fontsize=8)
+
+
 def plot_curves(summaries: list[dict], out: Path) -> list[str]:
-    """One PNG per x-axis (iteration, wall time) with a panel per metric; returns file names."""
+    """Per data set and x-axis (iteration, wall time): one panel per metric, students as curves,
+    teachers and the floor as horizontal lines. Returns the file names."""
     from fewstep.report.pictures import _plt
 
-    keys = [k for k in CURVES if any(k in r for s in summaries for r in s["evals"])]
-    if not keys or not any(len(s["evals"]) > 1 for s in summaries):
-        return []
-    plt = _plt()
-    names = []
-    for axis, label in (("iteration", "iteration"), ("wall_s", "wall time (s)")):
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), dpi=110, squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            for s in summaries:
-                pts = [(r[axis], r[k]) for r in s["evals"] if k in r and axis in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker=".", label=s["name"])
-            floor = next((s["final"].get(f"{k}_floor") for s in summaries if f"{k}_floor" in s["final"]),
-                         None)
-            if floor is not None:
-                ax.axhline(floor, color="gray", ls="--", lw=0.8)
-            ax.set_title(k, fontsize=9)
-            ax.set_xlabel(label, fontsize=8)
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        name = f"curves_{axis}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
-        names.append(name)
+    plt, names = _plt(), []
+    for data in sorted({_data_of(s) for s in summaries}):
+        group = [s for s in summaries if _data_of(s) == data]
+        students = [s for s in group if describe(s).startswith("student") and len(s["evals"]) > 1]
+        teachers = [s for s in group if not describe(s).startswith("student")]
+        keys = [k for k in CURVES if any(k in r for s in students for r in s["evals"])]
+        if not students or not keys:
+            continue
+        for axis, label in (("iteration", "iteration"), ("wall_s", "wall time (s)")):
+            fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.9), dpi=110, squeeze=False)
+            for ax, k in zip(axes[0], keys):
+                _curve_panel(ax, students, teachers, k, axis, label)
+            axes[0][0].legend(fontsize=6)
+            fig.suptitle(data, fontsize=10)
+            fig.tight_layout()
+            name = f"curves_{data}_{axis}.png"
+            fig.savefig(out / name)
+            plt.close(fig)
+            names.append(name)
     return names
 
 

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (claim and full suites)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="the whole story on ring8 (+ a digits8 teacher) in ~10 minutes")
@@ -249,7 +250,11 @@ def cmd_bench(args) -> int:
 
     root = Path(args.out)
     ensure_writable_dir(root)
-    jobs = SUITES[args.suite]()
+    if args.seeds < 1:
+        raise FewstepError(f"--seeds must be at least 1, got {args.seeds}")
+    build = SUITES[args.suite]
+    seeded = "seeds" in build.__code__.co_varnames[:build.__code__.co_argcount]
+    jobs = build(seeds=tuple(range(args.seeds))) if seeded else build()
     records = run_jobs(jobs, root, parallel=args.jobs, threads=args.threads,
                        progress=not args.no_progress)
     md, page = write_bench_report(args.suite, jobs, records, root)

@@ -241,7 +241,34 @@ def load_diffusers_teacher(path: str | Path, quantize: bool = False,
                          "in ../scheduler (save it with scheduler.save_pretrained)")
     alphas_cumprod, prediction_type = alphas_cumprod_from_config(_read_json(sched_path))
     unet = _load_unet(unet_dir)
-    return DiffusersDDPMDenoiser(unet, alphas_cumprod, prediction_type, quantize, null_class).eval()
+    D = DiffusersDDPMDenoiser(unet, alphas_cumprod, prediction_type, quantize, null_class).eval()
+    D.spec = diffusers_spec(D)
+    return D
+
+
+def diffusers_spec(D: DiffusersDDPMDenoiser) -> dict:
+    """The model.json spec that rebuilds an adapted diffusers UNet (students of diffusers teachers
+    are exported in fewstep's own format with this spec)."""
+    # private keys (_name_or_path, _diffusers_version, ...) are provenance, not architecture
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(D.unet.config).items()
+              if not k.startswith("_")}
+    abar = 1 / (1 + D.sigma_table.double() ** 2)  # inverts sigma_t = sqrt((1 - abar) / abar)
+    return {"type": "diffusers", "unet_config": config, "alphas_cumprod": abar.tolist(),
+            "prediction_type": D.prediction_type, "quantize": D.quantize, "null_class": D.null_class}
+
+
+def build_diffusers_denoiser(spec: dict) -> DiffusersDDPMDenoiser:
+    """Inverse of :func:`diffusers_spec` (fresh weights)."""
+    from diffusers import UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_config(spec["unet_config"])
+        D = DiffusersDDPMDenoiser(unet, torch.tensor(spec["alphas_cumprod"], dtype=torch.float64),
+                                  spec["prediction_type"], bool(spec["quantize"]), spec.get("null_class"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"cannot rebuild the diffusers model from its spec ({e})") from None
+    D.spec = spec
+    return D
 
 
 def _load_unet(unet_dir: Path) -> nn.Module:

@@ -40,8 +40,16 @@ def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k != "self"}
 
 
+DIFFUSERS_KEYS = {"type", "unet_config", "alphas_cumprod", "prediction_type", "quantize", "null_class"}
+
+
 def normalize_spec(spec: dict) -> dict:
     """Check a spec and fill in every default -> a complete, JSON-ready spec (tuples become lists)."""
+    if isinstance(spec, dict) and spec.get("type") == "diffusers":  # an adapted diffusers UNet
+        missing, unknown = sorted(DIFFUSERS_KEYS - set(spec)), sorted(set(spec) - DIFFUSERS_KEYS)
+        if missing or unknown:
+            raise ModelError(f"diffusers model spec: missing {missing}, unknown {unknown}")
+        return dict(spec)
     if not isinstance(spec, dict) or spec.get("type") not in ARCHS:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
         raise ModelError(f"model spec type {kind!r} is unknown; expected one of {sorted(ARCHS)}")
@@ -67,6 +75,10 @@ def build_denoiser(spec: dict) -> EDMPrecond:
     """``spec`` -> ``EDMPrecond(raw_net, ...)`` with fresh weights; ``.spec`` holds the full spec and
     ``.shape`` the per-sample data shape (``(dim,)`` or ``(C, H, W)``)."""
     spec = normalize_spec(spec)
+    if spec["type"] == "diffusers":
+        from fewstep.models.adapters import build_diffusers_denoiser
+
+        return build_diffusers_denoiser(spec)
     kwargs = {k: spec[k] for k in _arch_params(ARCHS[spec["type"]])}
     try:
         net = ARCHS[spec["type"]](**kwargs)

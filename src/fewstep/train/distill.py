@@ -304,10 +304,11 @@ def export_model(run: Run, out: Path) -> None:
     model = run.ema if run.ema is not None else run.nets.student
     spec = getattr(model.G, "spec", None)
     if spec is None:
-        raise FewstepError("exporting a student of a diffusers teacher is not supported yet; "
-                           "the resume checkpoint in checkpoints/ holds its weights")
-    save_model(out, model.G, {**spec, "boundary": bool(getattr(model.G, "boundary", False))},
-               student_meta(run))
+        raise FewstepError("this teacher type cannot be exported (no model spec); the resume "
+                           "checkpoint in checkpoints/ holds the student's weights")
+    if spec["type"] != "diffusers":  # consistency students use the boundary parameterisation
+        spec = {**spec, "boundary": bool(getattr(model.G, "boundary", False))}
+    save_model(out, model.G, spec, student_meta(run))
 
 
 def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:

@@ -27,7 +27,11 @@ class Generator:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.meta.get("data", {}).get("shape", ()))
+        """Per-sample shape: recorded in model.json, or the adapter's (diffusers teachers)."""
+        shape = self.meta.get("data", {}).get("shape") or getattr(self.model, "shape", None)
+        if shape is None and hasattr(self.model, "G"):
+            shape = getattr(self.model.G, "shape", None)
+        return tuple(shape or ())
 
     def default_nfe(self) -> int:
         if self.role == "student":
@@ -45,7 +49,8 @@ class Generator:
         """``n`` samples ``[n, *shape]`` (float32, CPU) and their labels. The noise comes from one
         generator seeded by ``seed``, so results do not depend on ``batch``."""
         if not self.shape:
-            raise FewstepError("model.json does not record the data shape; pass a fewstep model dir")
+            raise FewstepError("cannot tell the sample shape of this model; pass a fewstep run "
+                               "directory or a diffusers UNet2DModel directory")
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(n, *self.shape, generator=g)
         labels = self.labels(n, "cpu") if labels is None else labels

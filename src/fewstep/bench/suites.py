@@ -77,6 +77,12 @@ def perf_job(teacher: Job, students: list[Job], methods: list[str], name: str = 
                kind="perf", tags=dict(teacher.tags))
 
 
+def _with_fid(job: Job) -> Job:
+    job.name += "-fid"
+    job.args += ["--fid"]
+    return job
+
+
 def _students_with_evals(jobs: list[Job], teacher: Job, specs: list[dict], n: int | None = None,
                          repeats: int = 1) -> list[Job]:
     """Append a distill job and its evaluation for each spec; returns the distill jobs."""
@@ -139,6 +145,9 @@ def full(seeds=(0, 1, 2)) -> list[Job]:
         specs += [{"method": "dmd", "extras": ex, "steps": 4} for ex in ({}, {"dp": 0.05})]
         made = _students_with_evals(jobs, t, specs, repeats=3)
         jobs.append(perf_job(t, made, ["dmd", "dmd+el", "dmd@4", "dmd+dp@4", "tfd"]))
+        if not cond:  # the standard-protocol Inception FID next to the digits-feature fd
+            jobs += [_with_fid(eval_job(t, nfe=35, n=None)), _with_fid(eval_job(made[0])),
+                     _with_fid(eval_job(made[1]))]
     return jobs
 
 

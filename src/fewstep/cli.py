@@ -22,6 +22,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
+EXAMPLES = """examples:
+  fewstep teacher --data ring8 --out runs/t
+  fewstep distill --teacher runs/t --method dmd --extra el=1 --out runs/s
+  fewstep distill --teacher runs/t --method dmd --extra dp=0.05 --steps 4 --out runs/s4
+  fewstep eval runs/s --json metrics.json        fewstep sample runs/s --n 2000 --out s.png
+  fewstep bench --suite quick --out runs/bench   torchrun --nproc_per_node 2 -m fewstep distill ...
+Every config key can be overridden as key=value after the options; --dry-run prints them all."""
+
+
 def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (created; resumed if interrupted)")
     p.add_argument("--iters", type=int, help="training iterations (train.iters)")
@@ -36,7 +45,8 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fewstep", description="Distil a diffusion teacher into a 1-4 step "
-                     "student with diversity-preserving objectives.")
+                     "student with diversity-preserving objectives.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("teacher", help="train an EDM teacher on a data set")
@@ -176,7 +186,10 @@ def _resolve_distill_config(args):
         for key, value in load_preset(name).items():
             base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     overrides = [f"teacher={args.teacher}", f"method={args.method}"]
-    overrides += [f"extras.{k}={v}" for k, v in _parse_extras(args.extra).items()]
+    extras = _parse_extras(args.extra)
+    overrides += [f"extras.{k}={v}" for k, v in extras.items()]
+    if "dp" in extras and not any(o.startswith("student.renoise=") for o in args.overrides):
+        overrides.append("student.renoise=ddim")  # DP-DMD trains (and so samples) a deterministic chain
     for flag, key in (("iters", "train.iters"), ("seed", "train.seed"), ("device", "train.device"),
                       ("steps", "student.steps"), ("eval_every", "train.eval_every"),
                       ("batch", "train.batch")):

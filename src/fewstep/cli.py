@@ -133,21 +133,27 @@ def _resolve_teacher_config(args):
     return cfg
 
 
-def cmd_teacher(args) -> int:
+def _train(args, cfg, what: str) -> int:
+    """Shared by ``teacher`` and ``distill``: --dry-run, or train with in-loop evaluation."""
     from fewstep.config import dump_yaml
 
-    cfg = _resolve_teacher_config(args)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
     from fewstep.train.evaluate import in_training_evaluator
-    from fewstep.train.teacher import train_teacher
 
-    out = train_teacher(cfg, Path(args.out), evaluate=in_training_evaluator(cfg),
-                        progress=not args.no_progress)
+    if what == "teacher":
+        from fewstep.train.teacher import train_teacher as train
+    else:
+        from fewstep.train.distill import train_distill as train
+    out = train(cfg, Path(args.out), evaluate=in_training_evaluator(cfg), progress=not args.no_progress)
     if not _rank_prefix():
-        print(f"teacher written to {out}")
+        print(f"{what} written to {out}")
     return 0
+
+
+def cmd_teacher(args) -> int:
+    return _train(args, _resolve_teacher_config(args), "teacher")
 
 
 def _parse_extras(items: list[str]) -> dict:
@@ -201,20 +207,7 @@ def _resolve_distill_config(args):
 
 
 def cmd_distill(args) -> int:
-    from fewstep.config import dump_yaml
-
-    cfg = _resolve_distill_config(args)
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
-        return 0
-    from fewstep.train.distill import train_distill
-    from fewstep.train.evaluate import in_training_evaluator
-
-    out = train_distill(cfg, Path(args.out), evaluate=in_training_evaluator(cfg),
-                        progress=not args.no_progress)
-    if not _rank_prefix():
-        print(f"student written to {out}")
-    return 0
+    return _train(args, _resolve_distill_config(args), "student")
 
 
 def cmd_sample(args) -> int:

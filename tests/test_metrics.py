@@ -350,3 +350,13 @@ def test_mmd_floor_is_mean_plus_two_std():
     thr = mmd_floor(draw, gammas)
     assert thr == pytest.approx(np.mean(vals) + 2 * np.std(vals, ddof=1), rel=1e-12)
     assert thr > 0
+
+
+def test_diversity_by_condition_averages_to_diversity(gen):
+    from fewstep.metrics import diversity, diversity_by_condition
+
+    f = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    labels = torch.arange(40) % 4
+    per = diversity_by_condition(f, labels)
+    assert sorted(per) == [0, 1, 2, 3]
+    assert abs(sum(per.values()) / 4 - diversity(f, labels)) < 1e-12

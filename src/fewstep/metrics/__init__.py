@@ -9,6 +9,7 @@ from fewstep.metrics.modes import mode_metrics, nearest_mode
 from fewstep.metrics.stats import (
     density_coverage,
     diversity,
+    diversity_by_condition,
     fd,
     fd_from_stats,
     feature_stats,
@@ -25,6 +26,7 @@ from fewstep.metrics.stats import (
 __all__ = [
     "density_coverage",
     "diversity",
+    "diversity_by_condition",
     "fd",
     "fd_from_stats",
     "feature_stats",

@@ -272,6 +272,16 @@ def _mean_pairwise_cosine(e: torch.Tensor) -> torch.Tensor:
     return (g.sum() - g.diagonal().sum()) / (n * (n - 1))
 
 
+def diversity_by_condition(features: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Per-condition diversity ``{label: 1 - mean_{i<j} cos}`` (conditions with < 2 samples skipped);
+    their mean is :func:`diversity`, their spread gives a standard error over conditions."""
+    f = _f64(features)
+    _check_2d(f, "features")
+    lab = torch.as_tensor(labels).to(f.device)
+    return {int(c): 1.0 - _mean_pairwise_cosine(torch.nn.functional.normalize(f[lab == c], dim=1)).item()
+            for c in torch.unique(lab) if int((lab == c).sum()) >= 2}
+
+
 def diversity(features: torch.Tensor | Mapping[object, torch.Tensor],
               labels: torch.Tensor | None = None) -> float:
     """DP-DMD diversity: ``1 - mean_{i<j} cos(e_i, e_j)`` within each condition, averaged over

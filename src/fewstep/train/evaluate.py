@@ -84,6 +84,8 @@ def feature_metrics(space: MetricSpace, real_f: torch.Tensor, fake_f: torch.Tens
     if space.data.kind == "image":
         out["kid"] = M.kid(real_f, fake_f, generator=generator("kid"))
         out["diversity"] = M.diversity(fake_f, fake_labels)
+        if fake_labels is not None:  # per class, for standard errors over conditions (DP-DMD)
+            out["diversity_by_class"] = M.diversity_by_condition(fake_f, fake_labels)
     return out
 
 
@@ -212,6 +214,8 @@ def average_runs(runs: list[dict]) -> dict:
         elif isinstance(v, int) and not isinstance(v, bool) and k not in ("modes_total", "n_samples"):
             t = torch.tensor(vals, dtype=torch.float64)
             out[k], out[f"{k}_std"] = float(t.mean()), float(t.std())
+        elif isinstance(v, dict):  # per-class values: mean per class over the repeats
+            out[k] = {c: sum(r[k][c] for r in runs) / len(runs) for c in v}
         else:
             out[k] = v
     return out

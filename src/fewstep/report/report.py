@@ -58,7 +58,8 @@ def metrics_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in summaries:
         f = s["final"]
-        row = [s["name"], describe(s), _fmt(f.get("nfe", s["meta"].get("steps", ""))),
+        nfe = f.get("nfe") or s["meta"].get("steps") or s["meta"].get("nfe", "")
+        row = [s["name"], describe(s), _fmt(nfe),
                _fmt(f.get("iteration", s["meta"].get("iterations", ""))), _fmt(f.get("wall_s", ""))]
         for k in keys:
             cell = _fmt(f[k]) if k in f else ""

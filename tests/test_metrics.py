@@ -360,3 +360,11 @@ def test_diversity_by_condition_averages_to_diversity(gen):
     per = diversity_by_condition(f, labels)
     assert sorted(per) == [0, 1, 2, 3]
     assert abs(sum(per.values()) / 4 - diversity(f, labels)) < 1e-12
+
+
+def test_kid_with_all_rows_in_every_subset_needs_one_subset(gen):
+    from fewstep.metrics.stats import kid, kid_from_subsets, kid_subsets
+
+    x, y = torch.randn(50, 6, generator=gen), torch.randn(50, 6, generator=gen) + 0.2
+    many = kid_from_subsets(x, y, kid_subsets(50, 50, 20, 1000, gen))
+    assert abs(kid(x, y) - many) < 1e-9 * max(1.0, abs(many))

@@ -146,11 +146,15 @@ def kid(x: torch.Tensor, y: torch.Tensor, num_subsets: int = 100, subset_size: i
         generator: torch.Generator | None = None) -> float:
     """Kernel Inception Distance between ``x [n, d]`` and ``y [m, d]`` (not scaled by 10^3).
 
-    Unbiased, so it can be negative; centred on 0 for equal distributions.
+    Unbiased, so it can be negative; centred on 0 for equal distributions. When both sets have at
+    most ``subset_size`` rows and the same size, every subset holds all rows (only permuted) and
+    gives the same value, so one is computed.
     """
     x, y = _f64(x), _f64(y)
     _check_2d(x, "x", 2)
     _check_2d(y, "y", 2)
+    if len(x) == len(y) <= subset_size:
+        num_subsets = 1
     return kid_from_subsets(x, y, kid_subsets(len(x), len(y), num_subsets, subset_size, generator))
 
 

@@ -47,3 +47,16 @@ def test_smoke_suite_runs_and_reports(tmp_path):
     assert "dmd + el=1" in text and "teacher, dpmpp" in text and "fewstep distill" in text
     # a second run finds everything cached
     assert run_jobs(jobs, tmp_path, parallel=2, progress=False) == records
+
+
+def test_job_locks_keep_two_runners_apart(tmp_path):
+    import os
+
+    from fewstep.bench.runner import Job, _lock, _lock_path, _locked_elsewhere
+
+    job = Job("j", ["eval", "x"])
+    assert _lock(tmp_path, job) and not _locked_elsewhere(tmp_path, job)  # ours
+    _lock_path(tmp_path, job).write_text(str(os.getppid()))  # a live other runner holds it
+    assert _locked_elsewhere(tmp_path, job) and not _lock(tmp_path, job)
+    _lock_path(tmp_path, job).write_text("999999999")  # a dead runner: the stale lock is taken over
+    assert _lock(tmp_path, job)

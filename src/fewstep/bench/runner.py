@@ -63,6 +63,7 @@ def _finish(proc: subprocess.Popen, status: int, rusage, root: Path) -> dict:
            "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1), "exit_code": os.waitstatus_to_exitcode(status)}
     if rec["exit_code"] == 0:
         (root / "_jobs" / f"{job.name}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    _lock_path(root, job).unlink(missing_ok=True)  # after the record: others then see it done
     return rec
 
 
@@ -79,6 +80,9 @@ def run_jobs(jobs: list[Job], root: Path, parallel: int = 2, threads: int = 1,
     running: dict[int, subprocess.Popen] = {}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="bench", disable=not progress)
     while todo or running:
+        for j in [j for j in todo if job_record(root, j)]:  # finished by another runner meanwhile
+            todo.remove(j)
+            bar.update(1)
         ready = [j for j in todo if all(job_record(root, _by(jobs, d)) for d in j.deps)]
         blocked = [j for j in todo if any(d in failed for d in j.deps)]
         for j in blocked:
@@ -87,13 +91,18 @@ def run_jobs(jobs: list[Job], root: Path, parallel: int = 2, threads: int = 1,
             bar.write(f"skipped {j.name}: a dependency failed")
         while ready and len(running) < parallel:
             j = ready.pop(0)
+            if not _lock(root, j):  # another runner on this --out directory has it
+                continue
             todo.remove(j)
             p = _run_one(j, root, threads)
             running[p.pid] = p
         if not running:
-            if todo:
+            elsewhere = [j for j in jobs if _locked_elsewhere(root, j)]
+            if todo and not elsewhere:
                 raise FewstepError(f"benchmark jobs {[j.name for j in todo]} cannot start")
-            break
+            if todo:
+                time.sleep(5)  # waiting for jobs another runner on this directory is doing
+            continue
         pid, status, rusage = os.wait4(-1, 0)
         if pid not in running:
             continue
@@ -106,6 +115,48 @@ def run_jobs(jobs: list[Job], root: Path, parallel: int = 2, threads: int = 1,
             bar.set_postfix_str(rec["name"])
     bar.close()
     return [r for j in jobs if (r := job_record(root, j))]
+
+
+def _lock_path(root: Path, job: Job) -> Path:
+    return root / "_jobs" / f"{job.name}.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _locked_elsewhere(root: Path, job: Job) -> bool:
+    path = _lock_path(root, job)
+    try:
+        pid = int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and _alive(pid)
+
+
+def _lock(root: Path, job: Job) -> bool:
+    """Claim a job for this runner (``_jobs/<name>.lock`` holds its pid), so two ``fewstep bench``
+    processes sharing an --out directory never train into the same run; stale locks are taken over."""
+    (root / "_jobs").mkdir(parents=True, exist_ok=True)
+    path = _lock_path(root, job)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _locked_elsewhere(root, job):
+                return False
+            path.unlink(missing_ok=True)  # stale: its runner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def _by(jobs: list[Job], name: str) -> Job:

@@ -77,6 +77,11 @@ def perf_job(teacher: Job, students: list[Job], methods: list[str], name: str = 
                kind="perf", tags=dict(teacher.tags))
 
 
+def _reps(data: str) -> int:
+    """Generated sets per final evaluation: 3 on digits8 (small test split), 1 on mixtures."""
+    return 3 if data.startswith("digits") else 1
+
+
 def _with_fid(job: Job) -> Job:
     job.name += "-fid"
     job.args += ["--fid"]
@@ -90,8 +95,9 @@ def _students_with_evals(jobs: list[Job], teacher: Job, specs: list[dict], n: in
     for spec in specs:
         d = distill_job(teacher, **spec)
         ev = eval_job(d, n=n)
-        if repeats > 1:
+        if repeats > 1:  # mean +- std over generated sets (digits8's fd moves ~0.15 between seeds)
             ev.args += ["--repeats", str(repeats)]
+            ev.name += f"-r{repeats}"
         jobs += [d, ev]
         made.append(d)
     return made
@@ -190,12 +196,12 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
             if data != "digits8":  # small batch: B+el at 16 vs B at 128
                 specs += [{"method": "dmd", "extras": {"el": 1.0}, "seed": s, "batch": 16},
                           {"method": "dmd", "seed": s, "batch": 128}]
-            made += _students_with_evals(jobs, t, specs)
+            made += _students_with_evals(jobs, t, specs, repeats=_reps(data))
         if data == "digits8":  # ablations with dmd
             abl = [("K1", ["el.K=1"]), ("K8", ["el.K=8"]), ("linear", ["el.kernel=linear"]),
                    ("fixed", ["el.redraw=false"])]
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "tag": tag,
-                                            "overrides": tuple(ov)} for tag, ov in abl])
+                                            "overrides": tuple(ov)} for tag, ov in abl], repeats=3)
         jobs.append(perf_job(t, [], ["dmd", "dmd+el", "di", "di+el", "sid", "sid+el"],
                              name=f"perf-el-{data}"))
     return jobs
@@ -209,7 +215,7 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
         jobs += [t, eval_job(t)]
         for s in (seeds if data != "digits8" else digits_seeds):
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
-                                           for ex in ({}, {"dp": 0.05})])
+                                           for ex in ({}, {"dp": 0.05})], repeats=_reps(data))
         if data == "ring8":
             abl = [("K3", {"dp": 0.05}, ["dp.anchor_k=3"]), ("K10", {"dp": 0.05}, ["dp.anchor_k=10"]),
                    ("nodetach", {"dp": 0.05}, ["dp.detach=false"]), ("lam0.01", {"dp": 0.01}, []),
@@ -217,7 +223,8 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "tag": tag,
                                             "overrides": tuple(ov)} for tag, ex, ov in abl])
         _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1,
-                                        "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}])
+                                        "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}],
+                             repeats=_reps(data))
         jobs.append(perf_job(t, [], ["dmd@4", "dmd+dp@4"], name=f"perf-dp-{data}"))
     return jobs
 
@@ -235,7 +242,7 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
                 ("dmd", w, ())]
         for s in (seeds if data != "digits8" else digits_seeds):
             _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": budget + ov}
-                                           for m, tag, ov in arms])
+                                           for m, tag, ov in arms], repeats=_reps(data))
         if data == "ring8":
             abl = [("sf0.02", ("tfd.sigma_f=0.02",)), ("sf0.5", ("tfd.sigma_f=0.5",)),
                    ("deep", ("tfd.tap_set=deep", "tfd.raw_coords=false"))]

@@ -21,3 +21,4 @@ def test_distill_stops_on_its_time_budget(tmp_path):
     assert main(args) == 0  # the budget is spent: nothing more is trained
     assert json.loads((out / "model.json").read_text())["meta"]["iterations"] == meta["iterations"]
     assert (out / "model.safetensors").read_bytes() == before
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(lines)  # not even re-evaluated

@@ -8,6 +8,7 @@ is never overwritten.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,8 +83,10 @@ def check_run_dir(out: Path, config: dict) -> str:
         if diff:
             raise FewstepError(f"{out} holds a run with a different config ({', '.join(diff[:3])}); "
                                "choose another --out, or repeat the original settings to resume")
-        done = _finished_iters(out)
-        if done is not None and done >= config.get("train", {}).get("iters", 0):
+        done, spent = _finished_iters(out), _finished_wall_s(out)
+        train = config.get("train", {})
+        budget = train.get("time_budget_s", 0) or 0
+        if done is not None and (done >= train.get("iters", 0) or (budget and spent >= budget)):
             return "done"
     elif out.exists() and any(out.iterdir()):
         raise FewstepError(f"--out {out} is a non-empty directory that is not a fewstep run; "
@@ -106,13 +109,19 @@ def prepare_run_dir(out: Path, config: dict) -> str:
     return status
 
 
+def _finished_wall_s(out: Path) -> float:
+    """Training wall time of the finished model in ``out`` (0 if unknown)."""
+    try:
+        return float(json.loads((out / "model.json").read_text()).get("meta", {}).get("train_wall_s", 0))
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
 def _finished_iters(out: Path) -> int | None:
     """Iterations of the finished model in ``out`` (from model.json), or None."""
     meta_path = out / "model.json"
     if not (meta_path.exists() and (out / "model.safetensors").exists()):
         return None
-    import json
-
     try:
         return int(json.loads(meta_path.read_text()).get("meta", {}).get("iterations", -1))
     except (ValueError, OSError):

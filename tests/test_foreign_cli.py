@@ -48,7 +48,35 @@ def test_distill_and_export(diffusers_dir, tmp_path, method):
     assert main(["sample", str(out), "--n", "4", "--out", str(tmp_path / f"{method}.npz")]) == 0
 
 
-def test_cd_needs_an_edm_teacher(diffusers_dir, tmp_path, capsys):
-    code = main(["distill", "--teacher", str(diffusers_dir), "--method", "cd", "--out",
-                 str(tmp_path / "cd"), "--iters", "2", "--batch", "8", "data.name=digits8"])
-    assert code == 2 and "boundary" in capsys.readouterr().err
+def test_cd_student_of_a_diffusers_teacher_keeps_the_boundary(diffusers_dir, tmp_path):
+    """CD on a diffusers teacher: the student re-expresses the UNet's output with the consistency
+    scalings, so f(x, sigma_min) = x exactly; the exported student reloads with the same property."""
+    from fewstep.models.io import load_model
+
+    out = tmp_path / "cd"
+    code = main(["distill", "--teacher", str(diffusers_dir), "--method", "cd", "--out", str(out),
+                 "--iters", "2", "--batch", "8", "data.name=digits8", "train.eval_n=16",
+                 "train.eval_every=0", "--no-progress"])
+    assert code == 0
+    spec = json.loads((out / "model.json").read_text())["spec"]
+    assert spec["type"] == "diffusers" and spec["boundary"] is True
+    G = load_model(out)[0]
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    G = G.double()
+    assert torch.equal(G(x, torch.full((3,), spec["boundary_sigma_min"], dtype=torch.float64)), x)
+    from fewstep.models.adapters import load_diffusers_teacher
+
+    teacher = load_diffusers_teacher(diffusers_dir).double()
+    assert not torch.equal(teacher(x, torch.full((3,), 0.002, dtype=torch.float64)), x)  # not vacuous
+
+
+def test_boundary_form_equals_the_plain_denoiser_far_from_sigma_min(diffusers_dir):
+    """Away from sigma_min the boundary scalings converge to EDM's, so the re-expressed output
+    approaches the teacher's D (float64)."""
+    from fewstep.models.adapters import load_diffusers_teacher
+
+    D = load_diffusers_teacher(diffusers_dir).double()
+    x, sigma = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.full((2,), 40.0, dtype=torch.float64)
+    plain = D(x, sigma)
+    D.boundary = True
+    assert torch.allclose(D(x, sigma), plain, rtol=0, atol=1e-3 * plain.abs().max().item())

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewstep.core.precond import SIGMA_MIN, boundary_scalings, edm_scalings
 from fewstep.core.schedules import (
     eps_to_denoised,
     flow_to_denoised,
@@ -65,11 +66,17 @@ class DiffusersDDPMDenoiser(nn.Module):
     sample: ``D = x0_hat``. Learned-variance nets (2C output channels) use the first C.
     A class-conditional UNet (``num_class_embeds``) gets labels ``[B]``; labels ``-1``/None map to
     ``null_class`` if the model has one, else they are an error.
+
+    ``boundary=True`` (consistency students): the output is re-expressed in EDM form,
+    ``F = (D - c_skip x) / c_out`` with EDM's scalings, and recombined with the consistency-model
+    scalings (CM Appendix C), so ``D(x, sigma_min) = x`` exactly while the network is unchanged.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 quantize: bool = False, null_class: int | None = None):
+                 quantize: bool = False, null_class: int | None = None, boundary: bool = False,
+                 boundary_sigma_min: float = SIGMA_MIN):
         super().__init__()
+        self.boundary, self.boundary_sigma_min = boundary, boundary_sigma_min
         if prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"unsupported prediction_type {prediction_type!r}; fewstep supports "
                              f"{', '.join(PREDICTION_TYPES)}")
@@ -115,10 +122,19 @@ class DiffusersDDPMDenoiser(nn.Module):
         out = out.sample if hasattr(out, "sample") else out
         out = out[:, : x.shape[1]].to(x.dtype)  # learned variance: first C channels are the mean part
         if self.prediction_type == "epsilon":
-            return eps_to_denoised(x, sig, out)
-        if self.prediction_type == "v_prediction":
-            return v_to_denoised(x, sig, out)
-        return out
+            D = eps_to_denoised(x, sig, out)
+        elif self.prediction_type == "v_prediction":
+            D = v_to_denoised(x, sig, out)
+        else:
+            D = out
+        return self._to_boundary(x, sig, D) if self.boundary else D
+
+    def _to_boundary(self, x: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """EDM form ``D = c_skip x + c_out F`` -> boundary form with the same ``F`` (``sigma [B]``)."""
+        c_skip, c_out, _, _ = edm_scalings(sigma, self.sigma_data)
+        b_skip, b_out, _, _ = boundary_scalings(sigma, self.sigma_data, self.boundary_sigma_min)
+        F = (D - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
+        return append_dims(b_skip, x.ndim) * x + append_dims(b_out, x.ndim) * F
 
 
 class FlowDenoiser(nn.Module):
@@ -254,7 +270,8 @@ def diffusers_spec(D: DiffusersDDPMDenoiser) -> dict:
               if not k.startswith("_")}
     abar = 1 / (1 + D.sigma_table.double() ** 2)  # inverts sigma_t = sqrt((1 - abar) / abar)
     return {"type": "diffusers", "unet_config": config, "alphas_cumprod": abar.tolist(),
-            "prediction_type": D.prediction_type, "quantize": D.quantize, "null_class": D.null_class}
+            "prediction_type": D.prediction_type, "quantize": D.quantize, "null_class": D.null_class,
+            "boundary": D.boundary, "boundary_sigma_min": D.boundary_sigma_min}
 
 
 def build_diffusers_denoiser(spec: dict) -> DiffusersDDPMDenoiser:
@@ -264,7 +281,9 @@ def build_diffusers_denoiser(spec: dict) -> DiffusersDDPMDenoiser:
     try:
         unet = UNet2DModel.from_config(spec["unet_config"])
         D = DiffusersDDPMDenoiser(unet, torch.tensor(spec["alphas_cumprod"], dtype=torch.float64),
-                                  spec["prediction_type"], bool(spec["quantize"]), spec.get("null_class"))
+                                  spec["prediction_type"], bool(spec["quantize"]), spec.get("null_class"),
+                                  bool(spec.get("boundary", False)),
+                                  float(spec.get("boundary_sigma_min", SIGMA_MIN)))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"cannot rebuild the diffusers model from its spec ({e})") from None
     D.spec = spec

@@ -41,15 +41,17 @@ def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
 
 
 DIFFUSERS_KEYS = {"type", "unet_config", "alphas_cumprod", "prediction_type", "quantize", "null_class"}
+DIFFUSERS_OPTIONAL = {"boundary": False, "boundary_sigma_min": SIGMA_MIN}  # consistency students
 
 
 def normalize_spec(spec: dict) -> dict:
     """Check a spec and fill in every default -> a complete, JSON-ready spec (tuples become lists)."""
     if isinstance(spec, dict) and spec.get("type") == "diffusers":  # an adapted diffusers UNet
-        missing, unknown = sorted(DIFFUSERS_KEYS - set(spec)), sorted(set(spec) - DIFFUSERS_KEYS)
+        allowed = DIFFUSERS_KEYS | set(DIFFUSERS_OPTIONAL)
+        missing, unknown = sorted(DIFFUSERS_KEYS - set(spec)), sorted(set(spec) - allowed)
         if missing or unknown:
             raise ModelError(f"diffusers model spec: missing {missing}, unknown {unknown}")
-        return dict(spec)
+        return {**DIFFUSERS_OPTIONAL, **spec}
     if not isinstance(spec, dict) or spec.get("type") not in ARCHS:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
         raise ModelError(f"model spec type {kind!r} is unknown; expected one of {sorted(ARCHS)}")

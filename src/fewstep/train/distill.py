@@ -95,8 +95,9 @@ def build_student(teacher, cfg: DistillRunConfig, boundary: bool) -> Student:
     G = copy.deepcopy(teacher).requires_grad_(True)
     if boundary:
         if not hasattr(G, "boundary"):
-            raise FewstepError("consistency distillation needs an EDM-preconditioned teacher "
-                               "(a fewstep teacher); this teacher has no boundary parameterisation")
+            raise FewstepError("consistency distillation needs a teacher with a boundary "
+                               "parameterisation (a fewstep or diffusers DDPM-family teacher); "
+                               "this one has none")
         G.boundary = True
     s = cfg.student
     sigmas = list(s.sigmas) or default_sigmas(s.steps, float(getattr(teacher, "sigma_max", 80.0)))
@@ -306,8 +307,8 @@ def export_model(run: Run, out: Path) -> None:
     if spec is None:
         raise FewstepError("this teacher type cannot be exported (no model spec); the resume "
                            "checkpoint in checkpoints/ holds the student's weights")
-    if spec["type"] != "diffusers":  # consistency students use the boundary parameterisation
-        spec = {**spec, "boundary": bool(getattr(model.G, "boundary", False))}
+    # consistency students use the boundary parameterisation (own and diffusers models alike)
+    spec = {**spec, "boundary": bool(getattr(model.G, "boundary", False))}
     save_model(out, model.G, spec, student_meta(run))
 
 

@@ -60,3 +60,16 @@ def test_job_locks_keep_two_runners_apart(tmp_path):
     assert _locked_elsewhere(tmp_path, job) and not _lock(tmp_path, job)
     _lock_path(tmp_path, job).write_text("999999999")  # a dead runner: the stale lock is taken over
     assert _lock(tmp_path, job)
+
+
+def test_sampling_ratios_follow_the_nfe(tmp_path):
+    """The same model at 35 NFE (the reference) and at its default 9 NFE: the throughput ratio is
+    about 35/9, measured in alternating rounds."""
+    from fewstep.bench.perf import time_sampling
+    from tests.helpers import save_tiny_teacher
+
+    t = save_tiny_teacher(tmp_path / "t")
+    timed = time_sampling([t, str(t) + "/"], batch=256, rounds=3, min_s=0.2)
+    ref, other = timed.values()
+    assert math.isclose(ref["ratio"], 1.0)
+    assert 2.0 < other["ratio"] < 6.0, other

@@ -1,7 +1,9 @@
 """Performance measured in one process, as ratios (absolute times drift on shared machines).
 
-* Sampling: samples/s at batch 256 after a warm-up batch for the teacher (35-NFE Heun and the
-  other samplers asked for) and each student; reported over the teacher's 35-NFE Heun.
+* Sampling: samples/s at batch 256 after a warm-up batch, for the teacher's 35-NFE Heun and each
+  student, timed in alternating rounds (each model samples batches for at least ``min_s`` seconds
+  per round); each student's ratio is the median over rounds of its rate over the teacher's rate in
+  the same round.
 * Training: seconds per iteration of each method configuration, built from the same teacher with
   its default preset, timed over whole update-ratio cycles after warm-up; reported over dmd's.
 The configurations alternate in rounds so slow drifts of machine load affect all of them alike.
@@ -17,16 +19,31 @@ import torch
 from fewstep.train.generate import load_generator
 
 
-def time_sampling(path, nfe=None, sampler="heun", batch: int = 256, repeats: int = 3) -> float:
-    """Samples per second of one model at ``batch``, median over ``repeats`` after a warm-up."""
-    gen = load_generator(path)
-    gen.sample(batch, seed=999, nfe=nfe, sampler=sampler, batch=batch)  # warm-up
-    rates = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        gen.sample(batch, seed=r, nfe=nfe, sampler=sampler, batch=batch)
-        rates.append(batch / (time.perf_counter() - t0))
-    return statistics.median(rates)
+def _rate(gen, batch: int, seed: int, min_s: float, **kw) -> float:
+    """Samples per second of one generator, sampling whole batches for at least ``min_s`` seconds."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        gen.sample(batch, seed=seed + n, batch=batch, **kw)
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s:
+            return n * batch / elapsed
+
+
+def time_sampling(paths: list, batch: int = 256, rounds: int = 5, min_s: float = 1.0) -> dict:
+    """Median samples/s and median ratio over the teacher (``paths[0]``, 35-NFE Heun) for each model,
+    timed in alternating rounds so load changes on a shared machine hit every model alike."""
+    gens = [load_generator(p) for p in paths]
+    kws = [{"nfe": 35, "sampler": "heun"}] + [{}] * (len(paths) - 1)
+    for gen, kw in zip(gens, kws):
+        gen.sample(batch, seed=999, batch=batch, **kw)  # warm-up
+    rates: list[list[float]] = [[] for _ in paths]
+    for r in range(rounds):
+        for i, (gen, kw) in enumerate(zip(gens, kws)):
+            rates[i].append(_rate(gen, batch, 1000 * r, min_s, **kw))
+    return {str(p): {"samples_per_sec": statistics.median(v),
+                     "ratio": statistics.median(a / b for a, b in zip(v, rates[0]))}
+            for p, v in zip(paths, rates)}
 
 
 def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
@@ -75,11 +92,8 @@ def method_configs(teacher: str, specs: list[str], batch: int | None = None) -> 
 
 def perf_report(teacher: str, students: list[str], methods: list[str], batch: int | None = None) -> dict:
     """Sampling throughput over the teacher's 35-NFE Heun and training time over dmd's."""
-    base = time_sampling(teacher, nfe=35, sampler="heun")
-    sampling = {"teacher-heun35": {"samples_per_sec": base, "ratio": 1.0}}
-    for s in students:
-        rate = time_sampling(s)
-        sampling[s] = {"samples_per_sec": rate, "ratio": rate / base}
+    timed = time_sampling([teacher, *students])
+    sampling = {"teacher-heun35": timed.pop(str(teacher)), **timed}
     train = time_training(method_configs(teacher, methods, batch))
     ref = train.get("dmd") or next(iter(train.values()))
     training = {m: {"s_per_iter": t, "ratio_to_dmd": t / ref} for m, t in train.items()}

@@ -81,3 +81,32 @@ def test_inception_features(digits_x):
     assert torch.allclose(rgb, f[:2], atol=1e-4)  # grayscale is repeated to 3 channels
     with pytest.raises(ValueError):
         Fe.inception_features(torch.zeros(2, 4, 8, 8))
+
+
+def test_fid_has_a_cached_real_vs_real_floor(monkeypatch, tmp_path):
+    """fid_metrics with a stand-in feature map (the real network is slow): the reference against
+    itself scores ~0, the floor is the disjoint train subset against the reference, computed once."""
+    from fewstep.data import load_dataset
+    from fewstep.train import evaluate as E
+
+    calls = []
+
+    def fake_features(x):  # pixel features padded to 2048-d stand in for Inception pool3
+        calls.append(len(x))
+        f = x.reshape(len(x), -1).double()
+        return torch.cat([f, f**2], 1)
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(Fe, "inception_available", lambda: True)
+    monkeypatch.setattr(Fe, "inception_features", fake_features)
+    space = E.metric_space(load_dataset("digits8"))
+    real, _ = space.reference(200)
+    first = E.fid_metrics(space, real)
+    assert first["fid"] == pytest.approx(0.0, abs=1e-6)
+    other, _ = space.real_pair(200, 0)
+    from fewstep import metrics as M
+    assert first["fid_floor"] == pytest.approx(M.fd(fake_features(other), fake_features(real)))
+    assert first["fid_floor"] > 0.1
+    n_calls = len(calls)
+    again = E.fid_metrics(space, real)  # reference features and the floor come from the cache
+    assert again["fid_floor"] == first["fid_floor"] and len(calls) == n_calls + 1

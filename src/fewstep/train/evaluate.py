@@ -246,7 +246,26 @@ def fid_metrics(space: MetricSpace, x: torch.Tensor) -> dict:
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, real_f.numpy())
             os.replace(tmp, path)
-    return {"fid": M.fd(real_f.double(), F.inception_features(x).double())}
+    return {"fid": M.fd(real_f.double(), F.inception_features(x).double()),
+            "fid_floor": _fid_floor(space, n, real_f, path)}
+
+
+def _fid_floor(space: MetricSpace, n: int, real_f: torch.Tensor, real_path) -> float:
+    """FID of a disjoint real set (train subset, floor draw 0) against the reference set: one draw,
+    not the mean over FLOOR_DRAWS like the other floors, because Inception runs at a few images/s on
+    CPU. Cached beside the reference features."""
+    from fewstep.metrics import features as F
+
+    path = real_path.with_name(real_path.name.replace("-real.npy", "-floor.json")) if real_path else None
+    if path is not None and path.exists():
+        return float(json.loads(path.read_text())["fid_floor"])
+    other, _ = space.real_pair(n, 0)
+    value = M.fd(F.inception_features(other).double(), real_f.double())
+    if path is not None:
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fid_floor": value, "draws": 1}))
+        os.replace(tmp, path)
+    return value
 
 
 def in_training_evaluator(cfg):
@@ -288,7 +307,7 @@ def _data_name(cfg) -> str:
     return name
 
 
-_ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "kid", "kid_floor", "mmd", "mmd_floor",
+_ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "fid_floor", "kid", "kid_floor", "mmd", "mmd_floor",
           "precision", "precision_floor", "recall", "recall_floor", "density", "density_floor",
           "coverage", "coverage_floor", "diversity", "modes_covered", "modes_covered_any",
           "modes_total", "hq_rate", "mode_mass_tv", "samples_per_sec", "sample_s", "eval_s"]

@@ -340,6 +340,13 @@ def _set_threads() -> None:
 DISTRIBUTED_COMMANDS = ("teacher", "distill")
 
 
+def _say(line: str) -> None:
+    """One stderr line in ONE write: under torchrun the ranks share the pipe, and print()'s separate
+    newline write lets two ranks' messages run together on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _rank_prefix() -> str:
     """``[rank R] `` for processes other than rank 0 of a torchrun launch (their lines interleave)."""
     rank = os.environ.get("RANK", "0")
@@ -372,13 +379,13 @@ def _main(argv: list[str] | None) -> int:
         _check_single_process(args.command)
         return COMMANDS[args.command](args)
     except FewstepError as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        _say(f"{_rank_prefix()}error: {e}")
         return EXIT_USAGE
     except Interrupted as e:  # a stop signal: the checkpoint is written, the run resumes later
-        print(f"{_rank_prefix()}{e}", file=sys.stderr)
+        _say(f"{_rank_prefix()}{e}")
         return e.code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
 
 

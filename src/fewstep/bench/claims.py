@@ -94,6 +94,11 @@ def perf_lines(root: Path, names: list[str]) -> list[str]:
     return lines
 
 
+def _suite_perf_lines(root: Path, suite: str) -> list[str]:
+    """The claim suite's ``perf-<suite>-<data>`` jobs (suites.py), one line each."""
+    return perf_lines(root, [f"perf-{suite}-{d}" for d in ("ring8", "grid25", "digits8")])
+
+
 def el_claims(jobs: list[Job], root: Path) -> list[str]:
     lines = ["## Claim: Embedding Loss reaches the base's final quality in fewer iterations", "",
              "Fraction of the iteration budget B+el needs to first reach B's final value (same seed; "
@@ -133,8 +138,7 @@ def el_claims(jobs: list[Job], root: Path) -> list[str]:
         if name.endswith("+el=1") and teacher:
             lines.append(f"| {data} | {name} | {key} {mean_std([m.get(key) for m in by.values()])} | "
                          f"{key} {teacher.get(key, float('nan')):.4g} |")
-    lines += ["", "## Cost of EL", ""] + perf_lines(root, [f"perf-el-{d}" for d in
-                                                          ("ring8", "grid25", "digits8")])
+    lines += ["", "## Cost of EL", ""] + _suite_perf_lines(root, "el")
     return lines
 
 
@@ -159,15 +163,14 @@ def dp_claims(jobs: list[Job], root: Path) -> list[str]:
         ok = mean > 2 * se and abs(fd_a - fd_b) <= 0.05 * fd_b
         lines.append(f"| {data} | {name} | {mean:+.4f} | {se:.4f} | {fd_b:.3f} -> {fd_a:.3f} | "
                      f"{'holds' if ok else 'does not hold'} |")
-    lines += ["", "## Cost of DP-DMD", ""] + perf_lines(root, [f"perf-dp-{d}" for d in
-                                                              ("ring8", "grid25", "digits8")])
+    lines += ["", "## Cost of DP-DMD", ""] + _suite_perf_lines(root, "dp")
     return lines
 
 
 def tfd_claims(jobs: list[Job], root: Path) -> list[str]:
     lines = ["## Costs at equal wall-clock budgets", "", "Training time per iteration (one process, "
              "alternating rounds) and peak memory of each training process:", ""]
-    lines += perf_lines(root, [f"perf-tfd-{d}" for d in ("ring8", "grid25", "digits8")])
+    lines += _suite_perf_lines(root, "tfd")
     recs = [json.loads(p.read_text()) for p in sorted((root / "_jobs").glob("*.json"))]
     mem: dict = {}
     for j in jobs:

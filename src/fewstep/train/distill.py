@@ -31,7 +31,7 @@ from fewstep.train import dist
 from fewstep.train.control import BadStep, Bookkeeper, LogAccumulator, StopSignals, out_of_time, reseed
 from fewstep.train.phases import DISC, FAKE, GEN, critic_update, generator_update
 from fewstep.train.rng import StepRandom, derive_seed
-from fewstep.train.rundir import check_run_dir, discard_unstarted_run, record_config
+from fewstep.train.rundir import discard_unstarted_run, record_config, run_dir_status
 from fewstep.train.runlog import RunLog
 
 __all__ = ["build_run", "make_batch", "train_iteration", "generator_update", "critic_update",
@@ -321,10 +321,8 @@ def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: boo
             torch.manual_seed(derive_seed(cfg.train.seed, "build"))
             run = build_run(cfg, device)
         existed = out.exists()
-        status = dist.on_main(check_run_dir, out, to_dict(cfg))
+        status = run_dir_status(env, out, to_dict(cfg), "student")
         if status == "done":
-            if env.is_main:
-                print(f"{out} already holds the finished student; nothing to do")
             return out
         with discard_unstarted_run(out, existed, enabled=env.is_main and status == "new"):
             _setup_methods(run)  # before loading: a term's saved state wins over its setup

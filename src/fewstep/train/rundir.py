@@ -101,6 +101,17 @@ def record_config(out: Path, config: dict) -> None:
     atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
+def run_dir_status(env, out: Path, config: dict, what: str) -> str:
+    """:func:`check_run_dir` on rank 0, shared with every rank (``env`` from ``dist.session``); a
+    finished run is announced once, as the finished ``what``."""
+    from fewstep.train import dist
+
+    status = dist.on_main(check_run_dir, out, config)
+    if status == "done" and env.is_main:
+        print(f"{out} already holds the finished {what}; nothing to do")
+    return status
+
+
 def prepare_run_dir(out: Path, config: dict) -> str:
     """:func:`check_run_dir`, then :func:`record_config` unless the run is done."""
     status = check_run_dir(out, config)

@@ -30,7 +30,7 @@ from fewstep.train.control import BadStep, Bookkeeper, LogAccumulator, StopSigna
 from fewstep.train.ema import ema_beta, ema_update
 from fewstep.train.phases import clip_and_check
 from fewstep.train.rng import StepRandom, derive_seed
-from fewstep.train.rundir import check_run_dir, discard_unstarted_run, record_config
+from fewstep.train.rundir import discard_unstarted_run, record_config, run_dir_status
 from fewstep.train.runlog import RunLog
 
 
@@ -151,10 +151,8 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
         spec, net = build_teacher_net(cfg, data)
         net = net.to(device)
         existed = out.exists()
-        status = dist.on_main(check_run_dir, out, to_dict(cfg))
+        status = run_dir_status(env, out, to_dict(cfg), "teacher")
         if status == "done":
-            if env.is_main:
-                print(f"{out} already holds the finished teacher; nothing to do")
             return out
         state = TeacherState(net, copy.deepcopy(net).requires_grad_(False), _optimizer(net, cfg),
                              dist.shard(env, cfg.train.batch, cfg.train.micro_batch))

@@ -146,6 +146,8 @@ CASES = {
     "mlp_for_images": lambda tmp, t: _case(_teacher_cmd("digits8", "model.type=mlp"), "model.type=mlp",
                                            "model.type=unet"),
     "cuda_without_cuda": lambda tmp, t: _case(_distill(t, "--device", "cuda"), "no CUDA", "--device cpu"),
+    "bench_seeds_zero": lambda tmp, t: _case(["bench", "--suite", "el", "--out", str(tmp / "out"),
+                                              "--digits-seeds", "0"], "--digits-seeds", "at least 1"),
     # teachers
     "teacher_missing_dir": lambda tmp, t: _case(_distill(tmp / "nope"), "does not exist"),
     "teacher_not_a_model": lambda tmp, t: _case(_distill(_mkdir(tmp / "empty")), "not a model directory"),

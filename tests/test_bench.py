@@ -23,6 +23,17 @@ def test_suites_are_consistent():
             assert all(d in names for d in j.deps), (name, j.name)
 
 
+def test_claim_suites_take_their_digits8_seeds_apart_from_the_mixtures():
+    for build in (SUITES["el"], SUITES["dp"], SUITES["tfd"]):
+        for seeds, digits in (((0, 1), (0,)), ((0,), (0, 1, 2))):
+            names = [j.name for j in build(seeds=seeds, digits_seeds=digits) if j.kind == "distill"]
+            for data, want in (("ring8", seeds), ("digits8", digits)):
+                got = {int(n.rsplit("-s", 1)[1]) for n in names if n.startswith(data) and "-s" in n}
+                assert got == set(want), (build.__name__, data, got)
+        same = [j.name for j in build(seeds=(0, 1))]  # digits8 follows the mixtures by default
+        assert any(n.startswith("digits8") and n.endswith("-s1") for n in same)
+
+
 def test_dpmpp_approaches_the_exact_ode():
     mu, s = torch.tensor([[0.5, -0.5]], dtype=torch.float64), 0.3
     D = MixtureDenoiser(GaussianMixture.isotropic(mu, s))

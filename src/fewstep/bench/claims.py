@@ -183,14 +183,15 @@ def tfd_claims(jobs: list[Job], root: Path) -> list[str]:
     return lines
 
 
-def write_claims(suite: str, jobs: list[Job], root: Path) -> Path | None:
+def write_claims(suite: str, jobs: list[Job], root: Path, command: str = "") -> Path | None:
     fin = finals(jobs, root)
     if not fin:
         return None
     keys = ["fd", "mmd", "hq_rate", "modes_covered", "mode_mass_tv", "recall", "coverage", "diversity"]
     keys = [k for k in keys if any(k in m for by in fin.values() for m in by.values())]
-    lines = [f"# Claims — suite `{suite}`", "", f"From the runs in `{root}` (made by `fewstep bench "
-             f"--suite {suite} --out {root}`). Final evaluations, mean ± std over seeds.", ""]
+    command = command or f"fewstep bench --suite {suite} --out {root}"
+    lines = [f"# Claims — suite `{suite}`", "", f"From the runs in `{root}` (made by `{command}`). "
+             "Final evaluations, mean ± std over seeds.", ""]
     lines += arm_table(fin, keys) + [""]
     lines += {"el": el_claims, "dp": dp_claims, "tfd": tfd_claims}.get(suite, lambda j, r: [])(jobs, root)
     path = root / f"claims-{suite}.md"

@@ -183,14 +183,14 @@ def demo() -> list[Job]:
 # ---------------------------------------------------------------------------------------------
 # claim experiments (issues 5-7); budgets chosen so each suite fits a few CPU hours
 # ---------------------------------------------------------------------------------------------
-def el_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     """Embedding Loss: B vs B+el for B in {dmd, di, sid} at equal iterations, small batch, ablations."""
     jobs: list[Job] = []
     for data in (*MIXTURES, "digits8"):
         t = teacher_job(data)
         jobs += [t, eval_job(t)]
         made = []
-        for s in (seeds if data != "digits8" else digits_seeds):
+        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
             specs = [{"method": m, "extras": ex, "seed": s} for m in ("dmd", "di", "sid")
                      for ex in ({}, {"el": 1.0})]
             if data != "digits8":  # small batch: B+el at 16 vs B at 128
@@ -207,13 +207,13 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
     return jobs
 
 
-def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8; 1-step dmd+dp."""
     jobs: list[Job] = []
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
         jobs += [t, eval_job(t)]
-        for s in (seeds if data != "digits8" else digits_seeds):
+        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
                                            for ex in ({}, {"dp": 0.05})], repeats=_reps(data))
         if data == "ring8":
@@ -229,7 +229,7 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
     return jobs
 
 
-def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
+def tfd_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     """Teacher-Feature Drifting: tfd, tfd without coverage, drift and dmd at equal wall-clock budgets."""
     jobs: list[Job] = []
     wall = {"ring8": 150, "grid25": 150, "digits8": 300}
@@ -240,7 +240,7 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=(0,)) -> list[Job]:
         w = f"wall{wall[data]}"
         arms = [("tfd", w, ()), ("tfd", f"{w}-nocov", ("tfd.coverage=false",)), ("drift", w, ()),
                 ("dmd", w, ())]
-        for s in (seeds if data != "digits8" else digits_seeds):
+        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
             _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": budget + ov}
                                            for m, tag, ov in arms], repeats=_reps(data))
         if data == "ring8":

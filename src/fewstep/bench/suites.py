@@ -183,6 +183,11 @@ def demo() -> list[Job]:
 # ---------------------------------------------------------------------------------------------
 # claim experiments (issues 5-7); budgets chosen so each suite fits a few CPU hours
 # ---------------------------------------------------------------------------------------------
+def _seeds_for(data: str, seeds: tuple, digits_seeds: tuple | None) -> tuple:
+    """Training seeds of a claim-suite arm: digits8 may have its own (``--digits-seeds``)."""
+    return digits_seeds if data.startswith("digits8") and digits_seeds is not None else seeds
+
+
 def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     """Embedding Loss: B vs B+el for B in {dmd, di, sid} at equal iterations, small batch, ablations."""
     jobs: list[Job] = []
@@ -190,7 +195,7 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
         t = teacher_job(data)
         jobs += [t, eval_job(t)]
         made = []
-        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
+        for s in _seeds_for(data, seeds, digits_seeds):
             specs = [{"method": m, "extras": ex, "seed": s} for m in ("dmd", "di", "sid")
                      for ex in ({}, {"el": 1.0})]
             if data != "digits8":  # small batch: B+el at 16 vs B at 128
@@ -213,7 +218,7 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
         jobs += [t, eval_job(t)]
-        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
+        for s in _seeds_for(data, seeds, digits_seeds):
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
                                            for ex in ({}, {"dp": 0.05})], repeats=_reps(data))
         if data == "ring8":
@@ -240,7 +245,7 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
         w = f"wall{wall[data]}"
         arms = [("tfd", w, ()), ("tfd", f"{w}-nocov", ("tfd.coverage=false",)), ("drift", w, ()),
                 ("dmd", w, ())]
-        for s in (seeds if data != "digits8" or digits_seeds is None else digits_seeds):
+        for s in _seeds_for(data, seeds, digits_seeds):
             _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": budget + ov}
                                            for m, tag, ov in arms], repeats=_reps(data))
         if data == "ring8":

@@ -152,3 +152,26 @@ def test_smoke_defaults_and_phases():
         logs = train_iteration(run)
         assert "refused_step" not in logs and all(math.isfinite(v) for v in logs.values())
     assert not _changed(n.teacher, t0)
+
+
+def test_init_sigma_is_a_one_step_setting():
+    """DI's sigma_init = 1.0 sets the 1-step input level; a 4-step DI student keeps DMD2's levels
+    (it used to refuse to build because 1.0 < the next default level 17.5)."""
+    from fewstep.models.student import DEFAULT_LEVELS
+
+    assert tiny_run("di").nets.student.sigmas.tolist() == [1.0]
+    run4 = tiny_run("di", {"student": {"steps": 4}})
+    assert run4.nets.student.sigmas.tolist() == DEFAULT_LEVELS[4]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("preset", ["distill_ring8_dmd", "distill_ring8_sid", "distill_grid25_dmd",
+                                    "distill_ring8_di"])
+def test_shipped_presets_build_one_and_four_step_students(preset, steps):
+    """The ring8 dmd preset sets a 1-step input level (1.0); `--steps 4` with it must still build."""
+    from fewstep.config import load_preset
+
+    method = preset.rsplit("_", 1)[1]
+    student = {**load_preset(preset).get("student", {}), "steps": steps}
+    levels = tiny_run(method, {"student": student}).nets.student.sigmas.tolist()
+    assert len(levels) == steps and (steps == 1 or levels[0] == 80.0)

@@ -96,7 +96,7 @@ class TeacherRunConfig:
 class StudentConfig:
     steps: int = 1               # k: network evaluations of the student
     sigmas: list[float] = field(default_factory=list)  # explicit descending levels ([] = defaults)
-    init_sigma: float = 0.0      # 1-step input noise level (0 = sigma_max 80; DI uses 1.0, SiD 2.5)
+    init_sigma: float = 0.0      # 1-step input noise level (0 = sigma_max 80; DI 1.0, SiD 2.5; k>1: unused)
     rollout: str = "full"        # full (graph through all steps) | backsim (DMD2 backward simulation)
     renoise: str = "fresh"       # fresh (x0 + sigma eps) | ddim (deterministic) between steps
 

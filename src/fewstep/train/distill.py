@@ -101,11 +101,9 @@ def build_student(teacher, cfg: DistillRunConfig, boundary: bool) -> Student:
         G.boundary = True
     s = cfg.student
     sigmas = list(s.sigmas) or default_sigmas(s.steps, float(getattr(teacher, "sigma_max", 80.0)))
-    if s.init_sigma > 0 and not s.sigmas:
+    if s.init_sigma > 0 and not s.sigmas and s.steps == 1:
+        # a 1-step setting (DI's 1.0, SiD's 2.5): multi-step levels come from student.sigmas
         sigmas[0] = s.init_sigma
-        if len(sigmas) > 1 and sigmas[1] >= s.init_sigma:
-            raise FewstepError(f"student.init_sigma={s.init_sigma} must exceed the next level "
-                               f"{sigmas[1]}; set student.sigmas explicitly")
     return Student(G, sigmas, renoise=s.renoise)
 
 

@@ -34,6 +34,18 @@ def test_claim_suites_take_their_digits8_seeds_apart_from_the_mixtures():
         assert any(n.startswith("digits8") and n.endswith("-s1") for n in same)
 
 
+def test_ablations_run_at_every_seed():
+    """One-seed ablations flipped between two presets (DP-DMD's K = 3): every ablation follows the
+    suite's seeds (ring8 for dp and tfd, digits8 for el)."""
+    for build, data, tags in ((SUITES["dp"], "ring8", ("K3", "K10", "nodetach", "lam0.01", "lam0.2")),
+                              (SUITES["tfd"], "ring8", ("wall150-sf0.02", "wall150-sf0.5", "wall150-deep")),
+                              (SUITES["el"], "digits8", ("K1", "K8", "linear", "fixed"))):
+        names = {j.name for j in build(seeds=(0, 1, 2)) if j.kind == "distill"}
+        for tag in tags:
+            got = {n.rsplit("-s", 1)[1] for n in names if n.startswith(data + "-") and f"-{tag}-s" in n}
+            assert got == {"0", "1", "2"}, (build.__name__, tag, got)
+
+
 def test_dpmpp_approaches_the_exact_ode():
     mu, s = torch.tensor([[0.5, -0.5]], dtype=torch.float64), 0.3
     D = MixtureDenoiser(GaussianMixture.isotropic(mu, s))

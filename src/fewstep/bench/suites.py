@@ -202,18 +202,20 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
                 specs += [{"method": "dmd", "extras": {"el": 1.0}, "seed": s, "batch": 16},
                           {"method": "dmd", "seed": s, "batch": 128}]
             made += _students_with_evals(jobs, t, specs, repeats=_reps(data))
-        if data == "digits8":  # ablations with dmd
+        if data == "digits8":  # ablations with dmd, at every digits8 seed
             abl = [("K1", ["el.K=1"]), ("K8", ["el.K=8"]), ("linear", ["el.kernel=linear"]),
                    ("fixed", ["el.redraw=false"])]
-            _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "tag": tag,
-                                            "overrides": tuple(ov)} for tag, ov in abl], repeats=3)
+            _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "tag": tag, "seed": s,
+                                            "overrides": tuple(ov)}
+                                           for s in _seeds_for(data, seeds, digits_seeds)
+                                           for tag, ov in abl], repeats=3)
         jobs.append(perf_job(t, [], ["dmd", "dmd+el", "di", "di+el", "sid", "sid+el"],
                              name=f"perf-el-{data}"))
     return jobs
 
 
 def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
-    """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8; 1-step dmd+dp."""
+    """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8 (every seed); 1-step dmd+dp."""
     jobs: list[Job] = []
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
@@ -226,7 +228,8 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
                    ("nodetach", {"dp": 0.05}, ["dp.detach=false"]), ("lam0.01", {"dp": 0.01}, []),
                    ("lam0.2", {"dp": 0.2}, [])]
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "tag": tag,
-                                            "overrides": tuple(ov)} for tag, ex, ov in abl])
+                                            "seed": s, "overrides": tuple(ov)}
+                                           for s in seeds for tag, ex, ov in abl])
         _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1,
                                         "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}],
                              repeats=_reps(data))
@@ -251,8 +254,8 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
         if data == "ring8":
             abl = [("sf0.02", ("tfd.sigma_f=0.02",)), ("sf0.5", ("tfd.sigma_f=0.5",)),
                    ("deep", ("tfd.tap_set=deep", "tfd.raw_coords=false"))]
-            _students_with_evals(jobs, t, [{"method": "tfd", "tag": f"{w}-{tag}", "overrides": budget + ov}
-                                           for tag, ov in abl])
+            _students_with_evals(jobs, t, [{"method": "tfd", "tag": f"{w}-{tag}", "seed": s,
+                                            "overrides": budget + ov} for s in seeds for tag, ov in abl])
         jobs.append(perf_job(t, [], ["dmd", "tfd", "tfd|tfd.coverage=false", "drift"],
                              name=f"perf-tfd-{data}"))
     return jobs

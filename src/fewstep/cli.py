@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (claim and full suites)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds per arm, ablations included (claim and full suites)")
     p.add_argument("--digits-seeds", type=int, default=None,
                    help="seeds per digits8 arm in the claim suites (default: --seeds; each digits8 "
-                        "seed costs el ~1 h, dp ~20 min, tfd ~20 min on 2 cores)")
+                        "seed costs el ~55 min, dp ~20 min, tfd ~20 min of process time)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="the whole story on ring8 (+ a digits8 teacher) in ~10 minutes")

@@ -37,7 +37,9 @@ def test_claim_suites_take_their_digits8_seeds_apart_from_the_mixtures():
 def test_ablations_run_at_every_seed():
     """One-seed ablations flipped between two presets (DP-DMD's K = 3): every ablation follows the
     suite's seeds (ring8 for dp and tfd, digits8 for el)."""
-    for build, data, tags in ((SUITES["dp"], "ring8", ("K3", "K10", "nodetach", "lam0.01", "lam0.2")),
+    for build, data, tags in ((SUITES["dp"], "ring8", ("K3", "K10", "nodetach", "lam0.01", "lam0.2",
+                                                        "final-anchor")),
+                              (SUITES["dp"], "digits8-cond", ("final-anchor",)),
                               (SUITES["tfd"], "ring8", ("wall150-sf0.02", "wall150-sf0.5", "wall150-deep")),
                               (SUITES["el"], "digits8", ("K1", "K8", "linear", "fixed"))):
         names = {j.name for j in build(seeds=(0, 1, 2)) if j.kind == "distill"}

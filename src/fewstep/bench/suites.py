@@ -215,7 +215,7 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
 
 
 def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
-    """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8 (every seed); 1-step dmd+dp."""
+    """DP-DMD: 4-step dmd vs dmd+dp at equal budgets; ablations on ring8; 1-step dmd+dp (every seed)."""
     jobs: list[Job] = []
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
@@ -230,8 +230,9 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "tag": tag,
                                             "seed": s, "overrides": tuple(ov)}
                                            for s in seeds for tag, ex, ov in abl])
-        _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1,
-                                        "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}],
+        _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1, "seed": s,
+                                        "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}
+                                       for s in _seeds_for(data, seeds, digits_seeds)],
                              repeats=_reps(data))
         jobs.append(perf_job(t, [], ["dmd@4", "dmd+dp@4"], name=f"perf-dp-{data}"))
     return jobs

@@ -194,8 +194,8 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     for data in (*MIXTURES, "digits8"):
         t = teacher_job(data)
         jobs += [t, eval_job(t)]
-        made = []
-        for s in _seeds_for(data, seeds, digits_seeds):
+        made, data_seeds = [], _seeds_for(data, seeds, digits_seeds)
+        for s in data_seeds:
             specs = [{"method": m, "extras": ex, "seed": s} for m in ("dmd", "di", "sid")
                      for ex in ({}, {"el": 1.0})]
             if data != "digits8":  # small batch: B+el at 16 vs B at 128
@@ -206,9 +206,8 @@ def el_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
             abl = [("K1", ["el.K=1"]), ("K8", ["el.K=8"]), ("linear", ["el.kernel=linear"]),
                    ("fixed", ["el.redraw=false"])]
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"el": 1.0}, "tag": tag, "seed": s,
-                                            "overrides": tuple(ov)}
-                                           for s in _seeds_for(data, seeds, digits_seeds)
-                                           for tag, ov in abl], repeats=3)
+                                            "overrides": tuple(ov)} for s in data_seeds for tag, ov in abl],
+                                 repeats=3)
         jobs.append(perf_job(t, [], ["dmd", "dmd+el", "di", "di+el", "sid", "sid+el"],
                              name=f"perf-el-{data}"))
     return jobs
@@ -220,7 +219,8 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     for data, cond in (("ring8", False), ("grid25", False), ("digits8", True)):
         t = teacher_job(data, conditional=cond)
         jobs += [t, eval_job(t)]
-        for s in _seeds_for(data, seeds, digits_seeds):
+        data_seeds = _seeds_for(data, seeds, digits_seeds)
+        for s in data_seeds:
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "seed": s}
                                            for ex in ({}, {"dp": 0.05})], repeats=_reps(data))
         if data == "ring8":
@@ -229,11 +229,10 @@ def dp_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
                    ("lam0.2", {"dp": 0.2}, [])]
             _students_with_evals(jobs, t, [{"method": "dmd", "extras": ex, "steps": 4, "tag": tag,
                                             "seed": s, "overrides": tuple(ov)}
-                                           for s in seeds for tag, ex, ov in abl])
+                                           for s in data_seeds for tag, ex, ov in abl])
         _students_with_evals(jobs, t, [{"method": "dmd", "extras": {"dp": 0.05}, "steps": 1, "seed": s,
                                         "tag": "final-anchor", "overrides": ("dp.anchor_k=30",)}
-                                       for s in _seeds_for(data, seeds, digits_seeds)],
-                             repeats=_reps(data))
+                                       for s in data_seeds], repeats=_reps(data))
         jobs.append(perf_job(t, [], ["dmd@4", "dmd+dp@4"], name=f"perf-dp-{data}"))
     return jobs
 
@@ -249,14 +248,15 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
         w = f"wall{wall[data]}"
         arms = [("tfd", w, ()), ("tfd", f"{w}-nocov", ("tfd.coverage=false",)), ("drift", w, ()),
                 ("dmd", w, ())]
-        for s in _seeds_for(data, seeds, digits_seeds):
+        data_seeds = _seeds_for(data, seeds, digits_seeds)
+        for s in data_seeds:
             _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": budget + ov}
                                            for m, tag, ov in arms], repeats=_reps(data))
         if data == "ring8":
             abl = [("sf0.02", ("tfd.sigma_f=0.02",)), ("sf0.5", ("tfd.sigma_f=0.5",)),
                    ("deep", ("tfd.tap_set=deep", "tfd.raw_coords=false"))]
             _students_with_evals(jobs, t, [{"method": "tfd", "tag": f"{w}-{tag}", "seed": s,
-                                            "overrides": budget + ov} for s in seeds for tag, ov in abl])
+                                            "overrides": budget + ov} for s in data_seeds for tag, ov in abl])
         jobs.append(perf_job(t, [], ["dmd", "tfd", "tfd|tfd.coverage=false", "drift"],
                              name=f"perf-tfd-{data}"))
     return jobs

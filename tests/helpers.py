@@ -69,7 +69,8 @@ def tiny_run(method: str, overrides: dict | None = None):
     with torch.no_grad():  # leave the zero-initialised output layer: a non-trivial teacher
         for p in teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    d = _merge(BASES[method][2], {"method": method, "train": {"batch": 16, "iters": 4}, **(overrides or {})})
+    d = _merge(BASES[method].defaults,
+               {"method": method, "train": {"batch": 16, "iters": 4}, **(overrides or {})})
     cfg = from_dict(DistillRunConfig, d)
     return build_run(cfg, torch.device("cpu"), teacher=teacher,
                      teacher_meta={"data": {"name": "ring8", "shape": [2]}})

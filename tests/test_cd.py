@@ -136,7 +136,7 @@ def test_build_checks_choices():
     with pytest.raises(ConfigError):
         cd.build(cd.CDConfig(distance="lpips"), None)
     m = cd.build(cd.CDConfig(target_mu=0.5), None)
-    assert m.boundary and m.needs_target and not m.needs_fake and m.target_mu == 0.5
+    assert m.boundary and m.target_rate == 0.5 and not m.needs_fake
 
 
 # ---------------------------------------------------------------------------------------------

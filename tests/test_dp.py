@@ -14,10 +14,11 @@ from fewstep.core.utils import mean_flat
 from fewstep.errors import ConfigError
 from fewstep.losses import dmd, dp
 from fewstep.losses.base import Batch, GenOut, Nets
+from fewstep.losses.dp import rollout_dp
 from fewstep.models.io import build_denoiser
 from fewstep.models.student import Student
 from fewstep.train.distill import build_run, is_critic_step, is_generator_step, train_iteration
-from fewstep.train.rollout import rollout_dp
+from fewstep.train.rollout import rollout_full
 from tests.helpers import FixedRandom, GaussianDenoiser
 
 B = 16
@@ -128,8 +129,8 @@ def test_stop_gradient_and_theta_decomposition():
     outs = _record(nets.student)
     gen = rollout_dp(nets.student, batch, batch.z, detach=True)
     l_dmd, l_div = _losses(nets, batch, gen)
-    assert gen.x0_first is outs[0] and len(outs) == 4
-    (g,) = torch.autograd.grad(l_dmd, gen.x0_first, retain_graph=True, allow_unused=True)
+    assert gen.aux["first"] is outs[0] and len(outs) == 4
+    (g,) = torch.autograd.grad(l_dmd, gen.aux["first"], retain_graph=True, allow_unused=True)
     assert g is None or not g.any()  # 9.4: DMD never reaches the first-step output
     assert all(g is None for g in torch.autograd.grad(l_div, outs[1:], retain_graph=True, allow_unused=True))
     params = list(nets.student.parameters())
@@ -151,7 +152,7 @@ def _reference_grads(nets, batch, params):
         x = T.ddim_step(x, x0, 1.0, s.sigma(i), 1.0, s.sigma(i + 1)) if i < s.num_steps - 1 else x0
     l_dmd = dmd.DistributionMatching(dmd.DMDConfig())(nets, batch, GenOut(x=x, x_T=x_T)).loss.mean()
     pred0 = s.denoise(x_T, 0, None)
-    l_div = dp.DPTerm(dp.DPConfig())(nets, batch, GenOut(x=pred0, x_T=x_T, x0_first=pred0)).loss.mean()
+    l_div = dp.DPTerm(dp.DPConfig())(nets, batch, GenOut(x=pred0, x_T=x_T, aux={"first": pred0})).loss.mean()
     return torch.autograd.grad(l_dmd, params), torch.autograd.grad(l_div, params)
 
 
@@ -159,7 +160,7 @@ def test_ablation_without_detach_lets_dmd_reach_the_first_step():
     nets, batch = _tiny()
     gen = rollout_dp(nets.student, batch, batch.z, detach=False)
     l_dmd, _ = _losses(nets, batch, gen)
-    (g,) = torch.autograd.grad(l_dmd, gen.x0_first, allow_unused=True)
+    (g,) = torch.autograd.grad(l_dmd, gen.aux["first"], allow_unused=True)
     assert g is not None and g.abs().max() > 0  # 9.5
 
 
@@ -169,7 +170,7 @@ def test_zero_at_target():
     x_T = nets.student.sigma(0) * batch.z
     x0_star, _, _ = term.target(nets, batch, x_T)
     pred0 = x0_star.clone().requires_grad_()
-    out = term(nets, batch, GenOut(x=pred0, x_T=x_T, x0_first=pred0))
+    out = term(nets, batch, GenOut(x=pred0, x_T=x_T, aux={"first": pred0}))
     (g,) = torch.autograd.grad(out.loss.mean(), pred0)
     assert torch.equal(out.loss, torch.zeros(B, dtype=DT)) and not g.any()  # 9.3
 
@@ -222,7 +223,7 @@ def test_anchor_final_is_the_teacher_sample_and_cache_avoids_recomputing():
 def test_one_step_student_regresses_onto_the_teacher_sample():
     nets, batch = _tiny(levels=[80.0])
     gen = rollout_dp(nets.student, batch, batch.z)
-    assert gen.x is gen.x0_first
+    assert gen.x is gen.aux["first"]
     out = dp.DPTerm(dp.DPConfig(anchor_k=-1))(nets, batch, gen)
     final = sample_euler(nets.teacher, gen.x_T, dp.teacher_grid(80.0, dp.DPConfig()))
     assert torch.allclose(out.loss, mean_flat((gen.x - final) ** 2), rtol=1e-12)
@@ -264,7 +265,7 @@ def _run(cfg, teacher, iters):
 def test_engine_smoke():
     teacher = build_denoiser(MLP)
     run, logs = _run(_cfg({"dp": 0.05}), teacher, 2)
-    assert run.rollout_mode == "dp" and run.dp_detach and "refused_step" not in logs[-1]
+    assert isinstance(run.rollout, dp.DPRollout) and run.rollout.detach and "refused_step" not in logs[-1]
     for k in ("dp", "dp_teacher_s", "loss_dp", "dm", "fake", "gradnorm_dp"):
         assert k in logs[-1] and torch.isfinite(torch.tensor(logs[-1][k])), k
     assert logs[-1]["gradnorm_dp"] == 0.0  # L_div does not touch the final sample when detached
@@ -282,12 +283,12 @@ def _same(a, b):
 def test_lambda_zero_no_detach_equals_plain_deterministic_dmd_bit_for_bit():
     teacher = build_denoiser(MLP)
     runs = {d: _run(_cfg({"dp": 0.0}, detach=d), teacher, 0)[0] for d in (False, True)}
-    assert runs[False].dp_detach is False and runs[True].dp_detach is True
+    assert runs[False].rollout.detach is False and runs[True].rollout.detach is True
     for run in runs.values():
         for _ in range(3):
             train_iteration(run, log_norms=True)
     run_dmd, _ = _run(_cfg({}, rollout="full"), teacher, 3)
-    assert runs[False].rollout_mode == "dp" and run_dmd.rollout_mode == "full"
+    assert isinstance(runs[False].rollout, dp.DPRollout) and run_dmd.rollout is rollout_full
     assert _same(runs[False].nets.student, run_dmd.nets.student)
     assert _same(runs[False].nets.fake, run_dmd.nets.fake)
     assert not _same(run_dmd.nets.student, teacher)  # the students moved: the comparison is not vacuous

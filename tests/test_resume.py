@@ -74,7 +74,7 @@ def test_signal_stop_and_resume_equals_uninterrupted(tmp_path, teacher, monkeypa
 
     assert cli("straight") == 0
     with monkeypatch.context() as m:
-        _stop_at(m, "fewstep.train.distill", 2)
+        _stop_at(m, "fewstep.train.loop", 2)
         assert cli("resumed") == 128 + signal.SIGTERM
     assert [p.name for p in ckpt.checkpoint_paths(tmp_path / "resumed/checkpoints")] == ["ckpt_00000003.pt"]
     assert not (tmp_path / "resumed/model.safetensors").exists()
@@ -94,7 +94,7 @@ def test_teacher_signal_stop_and_resume_equals_uninterrupted(tmp_path, monkeypat
 
     assert cli("straight") == 0
     with monkeypatch.context() as m:
-        _stop_at(m, "fewstep.train.teacher", 4)
+        _stop_at(m, "fewstep.train.loop", 4)
         assert cli("resumed") == 128 + signal.SIGTERM
     assert cli("resumed") == 0
     assert_states_equal(_final(tmp_path / "straight", 10), _final(tmp_path / "resumed", 10))

@@ -138,7 +138,7 @@ def test_sida_logits_are_encoder_channel_mean(spec, shape):  # 8.6
     assert torch.allclose(logits, store[path].mean(dim=1, keepdim=True))
     ctx = type("Ctx", (), {"sigma_data": 0.5})()
     method = sid.build(sid.SiDConfig(adversarial=True), ctx)
-    assert method.needs_head is None and method.needs_fake  # zero extra parameters
+    assert method.head is None and method.needs_fake  # zero extra parameters
 
 
 def test_zero_logits_give_ln2():  # 8.7

@@ -44,6 +44,8 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fewstep.losses import BASES, EXTRAS  # the help lists what is registered
+
     parser = _Parser(prog="fewstep", description="Distil a diffusion teacher into a 1-4 step "
                      "student with diversity-preserving objectives.",
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -55,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a teacher into a k-step student")
     p.add_argument("--teacher", required=True, help="teacher directory (fewstep run or diffusers)")
-    p.add_argument("--method", required=True, help="base method: dmd | di | sid | cd | tfd | drift")
+    p.add_argument("--method", required=True, help=f"base method: {' | '.join(BASES)}")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=WEIGHT",
-                   help="extra term with its weight, e.g. --extra el=0.5 --extra dp=0.05")
+                   help=f"extra term ({' | '.join(EXTRAS)}) with its weight, e.g. --extra el=0.5")
     p.add_argument("--steps", type=int, help="student steps k (student.steps)")
     p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
@@ -123,18 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_teacher_config(args):
-    from fewstep.config import PRESET_DIR, TeacherRunConfig, load_preset, resolve
+def _flag_overrides(args, flags) -> list[str]:
+    """``--iters 300`` -> ``train.iters=300`` for the flags the user gave."""
+    return [f"{key}={getattr(args, flag)}" for flag, key in flags if getattr(args, flag) is not None]
 
-    preset = args.preset or (f"teacher_{args.data}" if (PRESET_DIR / f"teacher_{args.data}.yaml")
-                             .exists() else "teacher_default")
-    overrides = [f"data.name={args.data}", *args.overrides]
-    for flag, key in (("iters", "train.iters"), ("seed", "train.seed"), ("device", "train.device")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    cfg = resolve(TeacherRunConfig, load_preset(preset), overrides)
-    cfg.data.name = args.data  # keep paths verbatim (YAML parsing could mangle them)
-    return cfg
+
+_RUN_FLAGS = (("iters", "train.iters"), ("seed", "train.seed"), ("device", "train.device"))
+
+
+def _resolve_teacher_config(args):
+    from fewstep.recipe import teacher_config
+
+    return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, _RUN_FLAGS)], args.preset)
 
 
 def _train(args, cfg, what: str) -> int:
@@ -172,42 +174,13 @@ def _parse_extras(items: list[str]) -> dict:
     return extras
 
 
-def _teacher_data_name(teacher: str) -> str:
-    from fewstep.models.io import read_model_json
-
-    try:
-        return read_model_json(teacher)[1].get("data", {}).get("name", "")
-    except FewstepError:
-        return ""
-
-
 def _resolve_distill_config(args):
-    from fewstep.config import PRESET_DIR, DistillRunConfig, load_preset, resolve
-    from fewstep.losses import BASES
+    from fewstep.recipe import distill_config
 
-    if args.method not in BASES:
-        raise FewstepError(f"unknown method '{args.method}'; choose one of {', '.join(BASES)}")
-    data = _teacher_data_name(args.teacher)
-    base = {k: dict(v) for k, v in BASES[args.method][2].items()}
-    presets = [args.preset] if args.preset else [
-        p for p in ("distill_default", f"distill_{data}", f"distill_{data}_{args.method}")
-        if (PRESET_DIR / f"{p}.yaml").exists()]
-    for name in presets:
-        for key, value in load_preset(name).items():
-            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    overrides = [f"teacher={args.teacher}", f"method={args.method}"]
-    extras = _parse_extras(args.extra)
-    overrides += [f"extras.{k}={v}" for k, v in extras.items()]
-    if "dp" in extras and not any(o.startswith("student.renoise=") for o in args.overrides):
-        overrides.append("student.renoise=ddim")  # DP-DMD trains (and so samples) a deterministic chain
-    for flag, key in (("iters", "train.iters"), ("seed", "train.seed"), ("device", "train.device"),
-                      ("steps", "student.steps"), ("eval_every", "train.eval_every"),
-                      ("batch", "train.batch")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    cfg = resolve(DistillRunConfig, base, overrides + list(args.overrides))
-    cfg.teacher = args.teacher
-    return cfg
+    flags = _RUN_FLAGS + (("steps", "student.steps"), ("eval_every", "train.eval_every"),
+                          ("batch", "train.batch"))
+    return distill_config(args.teacher, args.method, _parse_extras(args.extra),
+                          [*_flag_overrides(args, flags), *args.overrides], args.preset)
 
 
 def cmd_distill(args) -> int:
@@ -215,21 +188,10 @@ def cmd_distill(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from fewstep.train.device import resolve_device
-    from fewstep.train.generate import load_generator
+    from fewstep.train.generate import sample_to_file
 
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise FewstepError(f"--out must end in .png or .npz, got '{out.name}'")
-    if args.n <= 0:
-        raise FewstepError(f"--n must be positive, got {args.n}")
-    device = resolve_device(args.device)
-    gen = load_generator(args.model, device)
-    x, y = gen.sample(args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, device=device)
-    from fewstep.report.pictures import save_samples
-
-    save_samples(out, x, y, gen)
-    print(f"{args.n} samples ({gen.nfe(args.nfe, args.sampler)} NFE) written to {out}")
+    nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed, args.device)
+    print(f"{args.n} samples ({nfe} NFE) written to {args.out}")
     return 0
 
 
@@ -248,60 +210,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fewstep.bench.report import write_bench_report
-    from fewstep.bench.runner import run_jobs
-    from fewstep.bench.suites import SUITES
+    from fewstep.bench.run import run_suite
 
-    if args.suite not in SUITES:
-        raise FewstepError(f"unknown suite '{args.suite}'; choose one of {', '.join(SUITES)}")
-    if args.jobs < 1 or args.threads < 1:
-        raise FewstepError("--jobs and --threads must be at least 1")
-    from fewstep.train.rundir import ensure_writable_dir
-
-    digits_seeds = args.seeds if args.digits_seeds is None else args.digits_seeds
-    if args.seeds < 1 or digits_seeds < 1:
-        raise FewstepError(f"--seeds and --digits-seeds must be at least 1, got {args.seeds} and "
-                           f"{digits_seeds}")
-    root = Path(args.out)
-    ensure_writable_dir(root)
-    build = SUITES[args.suite]
-    params = build.__code__.co_varnames[:build.__code__.co_argcount]
-    kwargs = {"seeds": tuple(range(args.seeds))} if "seeds" in params else {}
-    if "digits_seeds" in params:
-        kwargs["digits_seeds"] = tuple(range(digits_seeds))
-    jobs = build(**kwargs)
-    records = run_jobs(jobs, root, parallel=args.jobs, threads=args.threads,
-                       progress=not args.no_progress)
-    md, page = write_bench_report(args.suite, jobs, records, root)
-    from fewstep.bench.claims import write_claims
-
-    command = f"fewstep bench --suite {args.suite} --out {root} --seeds {args.seeds}" + \
-        (f" --digits-seeds {digits_seeds}" if digits_seeds != args.seeds else "")
-    claims = write_claims(args.suite, jobs, root, command) if args.suite in ("el", "dp", "tfd") else None
-    print(f"{len(records)}/{len(jobs)} jobs done; report: {md} and {page}"
-          + (f"; claims: {claims}" if claims else ""))
-    return 0 if len(records) == len(jobs) else 1
+    done, total, summary = run_suite(args.suite, Path(args.out), args.jobs, args.threads, args.seeds,
+                                     args.digits_seeds, progress=not args.no_progress)
+    print(summary)
+    return 0 if done == total else 1
 
 
 def cmd_demo(args) -> int:
     """The whole story on the default data: the ``demo`` suite, then a report with pictures."""
-    from fewstep.bench.report import write_bench_report
-    from fewstep.bench.runner import run_jobs
-    from fewstep.bench.suites import demo
-    from fewstep.report.report import write_report
-    from fewstep.train.rundir import ensure_writable_dir
+    from fewstep.bench.run import run_demo
 
-    root = Path(args.out)
-    ensure_writable_dir(root)
-    jobs = demo()
-    records = run_jobs(jobs, root, parallel=args.jobs, threads=1, progress=not args.no_progress)
-    done = {r["name"] for r in records}
-    write_bench_report("demo", jobs, records, root)
-    runs = [root / j.name for j in jobs if j.kind in ("teacher", "distill") and j.name in done]
-    md, page = write_report(runs, root / "report", title="fewstep demo")
-    print(f"{len(records)}/{len(jobs)} demo jobs done in {sum(r['wall_s'] for r in records):.0f} s of "
-          f"process time; tables: {root / 'bench-demo.md'}; report with pictures: {page}")
-    return 0 if len(records) == len(jobs) else 1
+    done, total, summary = run_demo(Path(args.out), args.jobs, progress=not args.no_progress)
+    print(summary)
+    return 0 if done == total else 1
 
 
 def cmd_perf(args) -> int:

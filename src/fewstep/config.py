@@ -17,14 +17,7 @@ from pathlib import Path
 import yaml
 
 from fewstep.errors import ConfigError
-from fewstep.losses.cd import CDConfig
-from fewstep.losses.di import DIConfig
-from fewstep.losses.dmd import DMDConfig
-from fewstep.losses.dp import DPConfig
-from fewstep.losses.drift import DriftConfig
-from fewstep.losses.el import ELConfig
-from fewstep.losses.sid import SiDConfig
-from fewstep.losses.tfd import TFDConfig
+from fewstep.losses import METHODS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -118,9 +111,12 @@ class DistillTrainConfig(TrainConfig):
 
 
 @dataclass
-class DistillRunConfig:
+class DistillSettings:
+    """The shared sections of a distillation run; :data:`DistillRunConfig` adds one section per
+    registered method (``losses.METHODS``), named after it and typed by its config class."""
+
     teacher: str = ""            # teacher directory (fewstep run or diffusers save_pretrained)
-    method: str = "dmd"          # base: dmd | di | sid | cd | tfd | drift
+    method: str = "dmd"          # the base method (a name in losses.BASES)
     extras: dict[str, float] = field(default_factory=dict)  # extra terms and weights, e.g. {el: 0.5}
     data: DataConfig = field(default_factory=lambda: DataConfig(name=""))  # real data ("" = teacher's)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -129,14 +125,6 @@ class DistillRunConfig:
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
     disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
     train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)      # base-method sections
-    di: DIConfig = field(default_factory=DIConfig)
-    sid: SiDConfig = field(default_factory=SiDConfig)
-    cd: CDConfig = field(default_factory=CDConfig)
-    tfd: TFDConfig = field(default_factory=TFDConfig)
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    el: ELConfig = field(default_factory=ELConfig)         # extra-term sections
-    dp: DPConfig = field(default_factory=DPConfig)
 
     def check(self) -> None:
         from fewstep.losses import BASES, EXTRAS
@@ -165,6 +153,21 @@ class DistillRunConfig:
         if self.schedule.gen_offset >= self.schedule.ratio:
             raise ConfigError(f"schedule.gen_offset={self.schedule.gen_offset} must be smaller than "
                               f"schedule.ratio={self.schedule.ratio}; e.g. schedule.gen_offset=0")
+        for name in (self.method, *self.extras):  # rules a method has on the shared sections
+            if METHODS[name].check is not None:
+                METHODS[name].check(self)
+
+
+def _with_method_sections(settings: type) -> type:
+    """``settings`` plus one section per registered method: ``cfg.dmd``, ``cfg.el``, ... (a method's
+    hyperparameters are its own dataclass; adding a method adds its section here by itself)."""
+    sections = [(name, entry.config, field(default_factory=entry.config)) for name, entry in METHODS.items()]
+    cls = dataclasses.make_dataclass("DistillRunConfig", sections, bases=(settings,))
+    cls.__module__, cls.__doc__ = __name__, settings.__doc__
+    return cls
+
+
+DistillRunConfig = _with_method_sections(DistillSettings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +340,7 @@ _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block",
              "lr", "sigma_data", "steps", "ratio", "max_bad_steps", "log_every"}
 _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup",
                  "eval_every", "ckpt_every", "micro_batch", "eps", "grad_clip_value", "init_sigma",
-                 "time_budget_s",
-                 "gen_offset", "min_step",
-                 "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch"}
+                 "time_budget_s", "gen_offset"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}}
 

@@ -48,14 +48,11 @@ def time_sampling(paths: list, batch: int = 256, rounds: int = 5, min_s: float =
 
 def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
     """Median seconds per iteration for each resolved ``DistillRunConfig`` in ``configs``."""
-    from fewstep.train.distill import build_run, train_iteration
+    from fewstep.train.distill import build_run, setup_methods, train_iteration
 
     runs = {name: build_run(cfg, torch.device("cpu")) for name, cfg in configs.items()}
     for run in runs.values():
-        for m in run.methods:
-            for t in m.terms:
-                if hasattr(t, "setup"):
-                    t.setup(run.nets, run.ctx)
+        setup_methods(run)
         for _ in range(run.cfg.schedule.ratio):  # warm-up: one full update cycle
             train_iteration(run)
     times: dict[str, list[float]] = {n: [] for n in runs}
@@ -72,21 +69,17 @@ def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
 def method_configs(teacher: str, specs: list[str], batch: int | None = None) -> dict:
     """``"dmd+el"`` / ``"dmd+dp@4"`` / ``"tfd|tfd.coverage=false"`` -> resolved configs (method
     defaults + the teacher's presets + overrides after ``|``)."""
-    from fewstep.cli import _resolve_distill_config, build_parser
+    from fewstep.recipe import distill_config
 
     out = {}
     for spec in specs:
         spec_main, *overrides = spec.split("|")
         head, _, steps = spec_main.partition("@")
         method, *extras = head.split("+")
-        argv = ["distill", "--teacher", teacher, "--method", method, "--out", "unused"]
-        for e in extras:
-            argv += ["--extra", f"{e}={0.05 if e == 'dp' else 1.0}"]
-        if steps:
-            argv += ["--steps", steps, "student.renoise=ddim"]
-        if batch:
-            argv += ["--batch", str(batch)]
-        out[spec] = _resolve_distill_config(build_parser().parse_args(argv + overrides))
+        flags = [f"student.steps={steps}", "student.renoise=ddim"] if steps else []
+        flags += [f"train.batch={batch}"] if batch else []
+        out[spec] = distill_config(teacher, method, {e: 0.05 if e == "dp" else 1.0 for e in extras},
+                                   flags + overrides)
     return out
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from fewstep.core.utils import append_dims, as_sigma
+from fewstep.core.utils import append_dims, as_sigma, mean_flat
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
@@ -46,6 +46,17 @@ def boundary_scalings(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA,
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """EDM loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM eq. 8)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_denoising_loss(D, y: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond,
+                       sigma_data: float = SIGMA_DATA, reduce=mean_flat) -> torch.Tensor:
+    """EDM's denoising loss per sample ``[B]`` (EDM eq. 2 with the weight of eq. 8):
+    ``lambda(sigma) * reduce((D(y + sigma eps; sigma, cond) - y)^2)`` for ``y, eps [B, ...]``,
+    ``sigma [B]``. ``reduce`` is ``mean_flat`` (teachers, DMD's fake score) or ``sum_flat`` (EDM's own
+    sum, used by Diff-Instruct and SiD). Every denoiser fewstep trains — teachers and fake scores —
+    is trained with this one function."""
+    D_y = D(y + append_dims(sigma, y.ndim) * eps, sigma, cond)
+    return edm_loss_weight(sigma, sigma_data) * reduce((D_y - y) ** 2)
 
 
 def sample_lognormal_sigma(n: int, generator: torch.Generator | None = None,

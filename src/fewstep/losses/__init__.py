@@ -1,24 +1,25 @@
-"""Objectives: one file per method, plain-dict registries (DESIGN.md convention 5).
+"""Objectives: one file per method and one line per method in ``METHODS`` (DESIGN.md "A method
+is sealed"; docs/adding-a-method.md).
 
-``BASES[name] = (ConfigClass, build, defaults)``: ``build(cfg, ctx) -> Method``; ``defaults`` are
-the method's own settings for the shared config sections (schedule, student, optim, ...), applied
-before presets and overrides. ``EXTRAS[name] = (ConfigClass, build)``:
-``build(cfg, ctx, weight) -> Method``. Each method's config is the run-config section of its name
-(``dmd.*``, ``el.*``, ...).
+``METHODS[name]`` is the method's :class:`~fewstep.losses.base.MethodEntry`: its config class (the
+run-config section of the same name, ``dmd.*``, ``el.*``, ...), its ``build``, its defaults for the
+shared config sections (applied before presets and overrides by ``fewstep.recipe``), its kind
+(``base`` or ``extra``) and an optional check of the run config. ``BASES`` and ``EXTRAS`` are views.
 """
 
 from fewstep.losses import cd, di, dmd, dp, drift, el, sid, tfd
+from fewstep.losses.base import MethodEntry
 
-BASES = {
-    "dmd": (dmd.DMDConfig, dmd.build, dmd.DEFAULTS),
-    "di": (di.DIConfig, di.build, di.DEFAULTS),
-    "sid": (sid.SiDConfig, sid.build, sid.DEFAULTS),
-    "cd": (cd.CDConfig, cd.build, cd.DEFAULTS),
-    "tfd": (tfd.TFDConfig, tfd.build, tfd.DEFAULTS),
-    "drift": (drift.DriftConfig, drift.build, drift.DEFAULTS),
+METHODS: dict[str, MethodEntry] = {
+    "dmd": dmd.METHOD,
+    "di": di.METHOD,
+    "sid": sid.METHOD,
+    "cd": cd.METHOD,
+    "tfd": tfd.METHOD,
+    "drift": drift.METHOD,
+    "el": el.METHOD,
+    "dp": dp.METHOD,
 }
 
-EXTRAS = {
-    "el": (el.ELConfig, el.build),
-    "dp": (dp.DPConfig, dp.build),
-}
+BASES = {k: m for k, m in METHODS.items() if m.kind == "base"}
+EXTRAS = {k: m for k, m in METHODS.items() if m.kind == "extra"}

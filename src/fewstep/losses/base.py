@@ -1,21 +1,31 @@
-"""The loss interface shared by every objective (DESIGN.md "The loss interface").
+"""The method contract shared by every objective (DESIGN.md "The loss interface", "A method is sealed").
 
-A method is a set of *terms*. Each term is a small callable with its hyperparameters in a
-dataclass given to ``__init__``; networks and the batch are given at call time; it declares the
-update *phase* it belongs to and returns ``LossOutput(loss, terms)`` where ``loss`` is unreduced
-``[B]`` (per sample) or a 0-dim tensor for set-level objectives (MMD, drifting). The trainer
+A method is one file in ``losses/`` and one line in the registry (``losses/__init__.py``). It hands
+the engine a :class:`MethodEntry` (its config class, its ``build`` and its defaults for the shared
+config sections); ``build`` returns a :class:`Method`: a set of *terms* plus what the method needs
+from the engine (a fake score, a GAN head, an EMA target and its rate, the student's boundary
+scalings, its own student rollout). Every hook the engine calls is declared here with a default,
+so the engine never asks a method what it is.
+
+A term (:class:`Term`) has its hyperparameters given to ``__init__``, networks and the batch at
+call time; it declares its update *phase* and returns ``LossOutput(loss, terms)`` where ``loss`` is
+unreduced ``[B]`` (per sample) or 0-dim for set-level objectives (MMD, drifting). The engine
 reduces (mean), weights, steps and logs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
+from fewstep.errors import ConfigError
+
 PHASES = ("generator", "fake_score", "discriminator")
+KINDS = ("base", "extra")
 
 
 @dataclass
@@ -32,7 +42,12 @@ class Nets:
     student: nn.Module                 # the k-step Student (trainable in the generator phase)
     fake: nn.Module | None = None      # D_fake, trained in the fake_score phase
     head: nn.Module | None = None      # GAN head on the fake network's bottleneck
-    target: nn.Module | None = None    # consistency target network (EMA of the student's G)
+    target: nn.Module | None = None    # EMA target of the student (consistency distillation)
+
+    def extra_networks(self) -> dict[str, nn.Module]:
+        """The networks besides the student that a checkpoint must hold (those that exist)."""
+        return {k: v for k, v in (("fake", self.fake), ("head", self.head), ("target", self.target))
+                if v is not None}
 
 
 class RandomSource(Protocol):
@@ -41,6 +56,11 @@ class RandomSource(Protocol):
     def randn(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor: ...
     def rand(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor: ...
     def randint(self, stream: str, low: int, high: int, *shape: int) -> torch.Tensor: ...
+
+
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """The mean over processes when there is one process."""
+    return t
 
 
 @dataclass
@@ -55,6 +75,9 @@ class Batch:
     seed: int = 0                         # run seed
     draw_real: object = None              # (labels [n] | n, stream) -> real samples (TFD, ...)
     global_batch: int = 0                 # batch size over all processes (images seen = step * this)
+    all_mean: Callable = _alone          # averages a float tensor over the processes
+    #                                       (identity in one process): batch-level statistics a
+    #                                       term normalises by must be global (f-distill's weights)
 
 
 @dataclass
@@ -63,26 +86,98 @@ class GenOut:
 
     x: torch.Tensor                       # [B, *shape] the sample the base objective acts on
     x_T: torch.Tensor                     # [B, *shape] the student's starting point sigma_0 z
-    x0_first: torch.Tensor | None = None  # first-step prediction (DP-DMD's supervised output)
     sigma: float | None = None            # noise level the student denoised at to produce x
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # other outputs a method's rollout
+    #                                       returns (DP-DMD: "first", the first-step prediction);
+    #                                       the engine logs each term's gradient norm on them too
 
 
-class Term(Protocol):
-    name: str
-    phase: str
-    uses_sample: bool                     # needs the student's sample (GenOut.x)
+@dataclass
+class Context:
+    """What a method's ``build`` may know about the run (no networks to own, no files)."""
 
-    def __call__(self, nets: Nets, batch: Batch, gen: GenOut | None) -> LossOutput: ...
+    sigma_data: float
+    shape: tuple
+    num_classes: int
+    kind: str                              # "vector" | "image"
+    seed: int
+    iters: int
+    bottleneck_channels: int = 0           # the teacher's bottleneck (GAN heads); 0 = none found
+    bottleneck_spatial: bool = False
+    teacher: nn.Module | None = None       # the frozen teacher, to inspect at build time only
+
+
+class Term:
+    """A loss term and the hooks the engine calls on it, with their defaults.
+
+    Subclasses set ``name`` (unique in a run; the log prefix), ``phase`` (one of ``PHASES``),
+    ``uses_sample`` (needs the student's sample ``gen.x``) and implement ``__call__``."""
+
+    name: str = ""
+    phase: str = "generator"
+    uses_sample: bool = True
+    weight: float = 1.0                   # the engine's multiplier of loss.mean() (extras: --extra w)
+    calibrates: bool = False              # the weight comes from calibrated_weight() each update
+
+    def __call__(self, nets: Nets, batch: Batch, gen: GenOut | None) -> LossOutput:
+        raise NotImplementedError
+
+    def setup(self, nets: Nets, ctx: Context) -> None:
+        """Once before training, after the networks exist (precomputation, checks on them)."""
+
+    def state_dict(self) -> dict:
+        """Term state that must survive a resume (and a refused update restores)."""
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def calibrated_weight(self, params, base_loss, term_loss, step: int, all_mean=None) -> float:
+        """This generator update's weight when ``calibrates`` (EL's gradient-ratio rule): called once
+        per update (first micro-batch) with the student's trainable ``params``, the weighted sum of
+        the terms before it and this term's mean loss; ``all_mean`` averages a float tensor over
+        processes so every rank gets the same weight."""
+        return self.weight
+
+
+class Rollout(Protocol):
+    """A student rollout: ``(student, batch, z) -> GenOut`` (with graph unless under no_grad)."""
+
+    def __call__(self, student: nn.Module, batch: Batch, z: torch.Tensor) -> GenOut: ...
 
 
 @dataclass
 class Method:
-    """A base method or extra, as the trainer sees it."""
+    """A base method or extra as the engine sees it: its terms and what it needs from the engine."""
 
-    terms: list                            # Term instances
-    needs_fake: bool = False               # trains a fake score initialised from the teacher
-    needs_head: nn.Module | None = None    # a GAN head to train (built by the method)
-    needs_target: bool = False             # keeps an EMA target of the student (consistency)
-    boundary: bool = False                 # student uses the CM boundary parameterisation
-    rollout: str | None = None             # required student rollout ("dp" for DP-DMD)
-    setup: object = None                   # optional callable(nets, context) run once before training
+    terms: list[Term]                      # in the order their losses are summed within a phase
+    needs_fake: bool = False               # a fake score initialised from the teacher (fake_score phase)
+    head: nn.Module | None = None          # a GAN head the engine trains in the discriminator phase
+    target_rate: float | None = None       # keep an EMA target of the student with this rate
+    #                                        (theta- <- mu theta- + (1 - mu) theta); None = no target
+    boundary: bool = False                 # the student uses the consistency boundary scalings
+    rollout: Rollout | None = None         # the method's own student rollout (None: student.rollout)
+
+
+class MethodEntry(NamedTuple):
+    """One registry line: how the recipe and the engine make a method from its config section."""
+
+    config: type                           # dataclass: the run-config section of the method's name
+    build: Callable                        # base: build(cfg, ctx) -> Method;
+    #                                        extra: build(cfg, ctx, weight) -> Method
+    defaults: dict = {}                    # the method's settings for shared config sections
+    #                                        (schedule, student, optim, ...), before presets
+    kind: str = "base"                     # "base" (one per run) | "extra" (any number, weighted)
+    check: Callable | None = None          # check(run_cfg) -> None: rules on shared sections
+    #                                        that only this method has (raise ConfigError)
+
+    def make(self, cfg, ctx: Context, weight: float = 1.0) -> Method:
+        return self.build(cfg, ctx) if self.kind == "base" else self.build(cfg, ctx, weight)
+
+
+def check_non_negative(cfg, section: str, names: tuple[str, ...]) -> None:
+    """Config rule for a method section: each named field is a number >= 0 (one-line error)."""
+    for n in names:
+        v = getattr(cfg, n)
+        if v < 0:
+            raise ConfigError(f"{section}.{n} must be >= 0, got {v}")

@@ -22,7 +22,7 @@ from fewstep.core.precond import RHO, SIGMA_MAX, SIGMA_MIN
 from fewstep.core.sampling import karras_sigmas
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term
 
 # one student update per iteration, no critic
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False}}
@@ -69,7 +69,7 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.000
     return (sum_flat((a - b) ** 2) + c**2).sqrt() - c
 
 
-class ConsistencyDistillation:
+class ConsistencyDistillation(Term):
     """CD term on noised real data (``uses_sample = False``): trains the student's ``G`` directly."""
 
     name, phase, uses_sample = "cd", "generator", False
@@ -90,13 +90,14 @@ class ConsistencyDistillation:
 
 
 def build(cfg: CDConfig, ctx) -> Method:
-    """CD: the student uses the boundary scalings; the engine keeps the EMA target with ``target_mu``."""
+    """CD: the student uses the boundary scalings; the engine keeps the EMA target at rate ``target_mu``."""
     if cfg.solver not in SOLVERS or cfg.distance not in DISTANCES:
         raise ConfigError(f"cd.solver must be one of {SOLVERS} and cd.distance one of {DISTANCES}, "
                           f"got '{cfg.solver}', '{cfg.distance}'")
     if cfg.num_points < 2 or not 0.0 <= cfg.target_mu <= 1.0:
         raise ConfigError(f"cd.num_points must be >= 2 and 0 <= cd.target_mu <= 1, got "
                           f"{cfg.num_points}, {cfg.target_mu}")
-    method = Method(terms=[ConsistencyDistillation(cfg)], needs_target=True, boundary=True)
-    method.target_mu = cfg.target_mu
-    return method
+    return Method(terms=[ConsistencyDistillation(cfg)], target_rate=cfg.target_mu, boundary=True)
+
+
+METHOD = MethodEntry(CDConfig, build, DEFAULTS)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.core.precond import P_MEAN, P_STD, edm_loss_weight
+from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss
 from fewstep.core.utils import append_dims, sum_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
 
 # the method's own settings for shared config sections (applied before presets and overrides):
 # 1 critic : 1 generator, critic first; sigma_init = 1.0 (README CIFAR-10); Adam beta=(0, 0.999),
@@ -55,7 +55,7 @@ def ikl_loss(x, sigma, eps, D_real_fn, D_fake_fn, cond) -> tuple[torch.Tensor, t
     return sum_flat(diff * x), diff
 
 
-class IKL:
+class IKL(Term):
     """Diff-Instruct generator term; ``d loss.mean() / dx = loss_scaling (D_fake - D_real) / B``."""
 
     name, phase, uses_sample = "ikl", "generator", True
@@ -76,11 +76,10 @@ class IKL:
 def edm_fake_loss(fake, y, cond, sigma, eps, sigma_data: float) -> torch.Tensor:
     """EDM loss ``[B]`` = ``lambda(sigma) sum_{C,H,W} (D(y + sigma eps; sigma) - y)^2`` (EDM eq. 8,
     ``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``), summed over elements as in EDM."""
-    D_y = fake(y + append_dims(sigma, y.ndim) * eps, sigma, cond)
-    return edm_loss_weight(sigma, sigma_data) * sum_flat((D_y - y) ** 2)
+    return edm_denoising_loss(fake, y, sigma, eps, cond, sigma_data, reduce=sum_flat)
 
 
-class FakeScore:
+class FakeScore(Term):
     """Critic: D_fake learns the denoiser of the generator distribution on ``sg(x)``."""
 
     name, phase, uses_sample = "fake", "fake_score", True
@@ -100,3 +99,6 @@ class FakeScore:
 def build(cfg: DIConfig, ctx) -> Method:
     """Diff-Instruct: IKL generator term + EDM fake-score term (fake net initialised from the teacher)."""
     return Method(terms=[IKL(cfg), FakeScore(cfg, ctx.sigma_data)], needs_fake=True)
+
+
+METHOD = MethodEntry(DIConfig, build, DEFAULTS)

@@ -16,7 +16,7 @@ from torch import nn
 
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.core.utils import append_dims, mean_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, check_non_negative
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 
 # the method's own settings for shared config sections (applied before presets and overrides)
@@ -35,6 +35,12 @@ class DMDConfig:
     reg_batch: int = 64           # pairs per generator update
     reg_nfe: int = 35             # teacher Heun NFE for the pairs
 
+    def check(self) -> None:
+        check_non_negative(self, "dmd", NON_NEGATIVE)
+
+
+NON_NEGATIVE = ("min_step", "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch")
+
 
 def ascending_grid(n: int = 1000) -> torch.Tensor:
     """``K[i]``, i = 0..n-1: the Karras grid flipped to ascending order (K[0]=0.002, K[-1]=80)."""
@@ -52,7 +58,7 @@ def dm_gradient(x, sigma, eps, D_real_fn, D_fake_fn, cond) -> tuple[torch.Tensor
     return g, w
 
 
-class DistributionMatching:
+class DistributionMatching(Term):
     """DMD generator term; ``d loss.mean() / dx = g / numel`` exactly."""
 
     name, phase, uses_sample = "dm", "generator", True
@@ -78,7 +84,7 @@ def fake_score_loss(fake, x, cond, sigma, eps, sigma_data: float) -> torch.Tenso
     return weight * mean_flat((fake(x_sigma, sigma, cond) - x) ** 2)
 
 
-class FakeScore:
+class FakeScore(Term):
     """Critic: D_fake learns the generator distribution's denoiser on ``sg(x)``, sigma = K[U{0..999}]."""
 
     name, phase, uses_sample = "fake", "fake_score", True
@@ -124,7 +130,7 @@ def _diffusion_gan_noise(x, rnd, stream, K, max_index):
     return x + append_dims(sigma, x.ndim) * rnd.randn(stream + "_noise", *x.shape[1:]).to(x), sigma
 
 
-class GANGenerator:
+class GANGenerator(Term):
     """Non-saturating generator loss ``softplus(-l_fake)`` through the frozen fake net and head."""
 
     name, phase, uses_sample = "gan_g", "generator", True
@@ -138,7 +144,7 @@ class GANGenerator:
         return LossOutput(loss, {"gan_g": loss.mean().detach()})
 
 
-class GANDiscriminator:
+class GANDiscriminator(Term):
     """Critic GAN loss ``softplus(l_fake) + softplus(-l_real)`` on independently noised images."""
 
     name, phase, uses_sample = "gan_d", "discriminator", True
@@ -156,7 +162,7 @@ class GANDiscriminator:
                                  "d_fake_acc": (l_fake < 0).float().mean()})
 
 
-class Regression:
+class Regression(Term):
     """DMD v1 regression ``||G(z_ref) - y_ref||^2`` on precomputed teacher Heun pairs."""
 
     name, phase, uses_sample = "reg", "generator", False
@@ -194,9 +200,12 @@ def build(cfg: DMDConfig, ctx) -> Method:
                   _weighted(GANDiscriminator(cfg), cfg.gan_disc_weight)]
     if cfg.reg_weight > 0:
         terms.append(_weighted(Regression(cfg), cfg.reg_weight))
-    return Method(terms=terms, needs_fake=True, needs_head=head)
+    return Method(terms=terms, needs_fake=True, head=head)
 
 
 def _weighted(term, weight: float):
     term.weight = weight
     return term
+
+
+METHOD = MethodEntry(DMDConfig, build, DEFAULTS)

@@ -3,8 +3,9 @@
 ``L = L_DMD + lambda_div L_div``: the student's **first-step** prediction ``x0_hat(x_T; sigma_0)``
 regresses onto ``sg(x0*)``, the clean prediction whose single deterministic step from ``x_T`` lands
 on the teacher's deterministic K-step anchor ``z_k`` started from the *same* noise (section 3). The
-engine's ``dp`` rollout (``train/rollout.py``) makes the student chain deterministic (DDIM) and, with
-``detach``, cuts the graph after step 1, so DMD trains steps 2..N and L_div trains step 1 (section 4).
+method's own rollout (:class:`DPRollout`, which the engine uses instead of ``student.rollout``)
+makes the student chain deterministic (DDIM) and, with ``detach``, cuts the graph after step 1, so
+DMD trains steps 2..N and L_div trains step 1 (section 4).
 
 EDM space throughout. Our own teachers are EDM. The diffusers adapter teachers (``models/adapters.py``)
 are EDM too *as far as this term can tell*: they expose ``D(x, sigma)`` with ``x = x_vp / alpha``, the
@@ -30,7 +31,10 @@ from fewstep.core.dp_target import snr, x0_target_edm
 from fewstep.core.sampling import SAMPLERS, karras_sigmas
 from fewstep.core.utils import mean_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+
+# DP-DMD trains (and so must sample) a deterministic chain (section 2)
+DEFAULTS = {"student": {"renoise": "ddim"}}
 
 
 @dataclass
@@ -62,7 +66,33 @@ def teacher_anchor(teacher, x_T: torch.Tensor, cond, sigmas: torch.Tensor, K: in
         return SAMPLERS[sampler](teacher, x_T, sigmas[:K + 1].to(x_T.device), cond)
 
 
-class DPTerm:
+def rollout_dp(student, batch: Batch, z: torch.Tensor, detach: bool = True) -> GenOut:
+    """Deterministic (DDIM) rollout returning the first-step prediction as ``aux["first"]``; with
+    ``detach`` the state after step 1 carries no graph, so later terms train steps 2..k only."""
+    x_T = student.sigma(0) * z
+    pred0 = student.denoise(x_T, 0, batch.cond)
+    x0 = pred0
+    if student.num_steps > 1:
+        x = x0 + (student.sigma(1) / student.sigma(0)) * (x_T - x0)
+        x = x.detach() if detach else x
+        for i in range(1, student.num_steps):
+            x0 = student.denoise(x, i, batch.cond)
+            if i < student.num_steps - 1:
+                x = x0 + (student.sigma(i + 1) / student.sigma(i)) * (x - x0)
+    return GenOut(x=x0, x_T=x_T, sigma=student.sigma(student.num_steps - 1), aux={"first": pred0})
+
+
+@dataclass
+class DPRollout:
+    """The student rollout DP-DMD hands the engine (section 4); ``detach`` = ``dp.detach``."""
+
+    detach: bool = True
+
+    def __call__(self, student, batch: Batch, z: torch.Tensor) -> GenOut:
+        return rollout_dp(student, batch, z, self.detach)
+
+
+class DPTerm(Term):
     """``L_div = mean_flat((x0_hat_theta(x_T; sigma_0) - sg(x0*))^2)`` ``[B]`` (section 3, EDM)."""
 
     name, phase, uses_sample = "dp", "generator", True
@@ -95,10 +125,12 @@ class DPTerm:
         return self._cache["x0"], sigma_k, secs
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
-        if gen.x0_first is None:
-            raise ConfigError("dp needs the engine's dp rollout (GenOut.x0_first is missing)")
+        first = gen.aux.get("first")
+        if first is None:
+            raise ConfigError("dp needs its own rollout (GenOut.aux['first'] is missing): another "
+                              "method of this run brings a rollout of its own")
         x0_star, sigma_k, secs = self.target(nets, batch, gen.x_T)
-        loss = mean_flat((gen.x0_first - x0_star.to(gen.x0_first)) ** 2)
+        loss = mean_flat((first - x0_star.to(first)) ** 2)
         if self.cfg.vp_reweight:  # SNR_T in EDM units = 1 / sigma_0^2 (section 3, "VP scale")
             loss = loss * snr(1.0, float(nets.student.sigma(0)))
         return LossOutput(loss, {"dp": loss.mean().detach(), "dp_teacher_s": torch.tensor(secs),
@@ -106,7 +138,7 @@ class DPTerm:
 
 
 def build(cfg: DPConfig, ctx, weight: float) -> Method:
-    """``Method(terms=[DPTerm], rollout="dp")`` with ``dp_detach = cfg.detach``; weight = lambda_div."""
+    """``Method(terms=[DPTerm], rollout=DPRollout(cfg.detach))``; weight = lambda_div."""
     if cfg.teacher_steps < 1 or not 1 <= cfg.anchor() <= cfg.teacher_steps:
         raise ConfigError(f"dp.anchor_k={cfg.anchor_k} must lie in 1..dp.teacher_steps="
                           f"{cfg.teacher_steps} (or -1 for the teacher's final sample)")
@@ -115,6 +147,14 @@ def build(cfg: DPConfig, ctx, weight: float) -> Method:
                           f"got '{cfg.teacher_sampler}'")
     term = DPTerm(cfg)
     term.weight = weight
-    method = Method(terms=[term], rollout="dp")
-    method.dp_detach = cfg.detach  # read by the engine (train/distill.py `_assemble`)
-    return method
+    return Method(terms=[term], rollout=DPRollout(cfg.detach))
+
+
+def check_run(run_cfg) -> None:
+    """The student must sample the way it is trained: deterministically (section 2)."""
+    if run_cfg.student.steps > 1 and run_cfg.student.renoise != "ddim":
+        raise ConfigError("--extra dp trains a deterministic (DDIM) student chain; "
+                          "pass student.renoise=ddim so sampling matches training")
+
+
+METHOD = MethodEntry(DPConfig, build, DEFAULTS, kind="extra", check=check_run)

@@ -19,7 +19,7 @@ import torch
 from fewstep.core.drift import TEMPERATURES, drift_loss, group_indices
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
 
 # no critic: the generator updates every iteration (the engine's critic_update returns at once)
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False},
@@ -136,7 +136,7 @@ def check_common(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 # the term
 # ---------------------------------------------------------------------------------------------
-class Drift:
+class Drift(Term):
     """Drifting loss on the student's raw samples (spec A2): one call, groups = labels."""
 
     name, phase, uses_sample = "drift", "generator", True
@@ -172,3 +172,6 @@ def build(cfg: DriftConfig, ctx) -> Method:
     pool = (TeacherPool(cfg.teacher_pool, cfg.teacher_nfe, ctx.shape, ctx.num_classes, ctx.seed)
             if cfg.positives == "teacher" else None)
     return Method(terms=[Drift(cfg, pool)], needs_fake=False)
+
+
+METHOD = MethodEntry(DriftConfig, build, DEFAULTS)

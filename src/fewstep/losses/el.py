@@ -20,7 +20,7 @@ import torch
 
 from fewstep.core.kernels import mmd2_linear_unbiased, mmd2_unbiased_pooled
 from fewstep.errors import ConfigError, FewstepError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
 from fewstep.models.embed import check_pool, draw_networks
 
 KERNELS = ("gauss", "linear")
@@ -113,14 +113,14 @@ def grad_stats(params, base_loss, term_loss, all_mean=None) -> tuple[float, floa
     return nb, ne, (dot / (nb * ne) if nb > 0 and ne > 0 else 0.0)
 
 
-class ELTerm:
+class ELTerm(Term):
     """Generator-phase EL on ``gen.x`` vs ``batch.real``; returns a 0-dim loss.
 
     ``calibrated_weight`` gives lambda: with ``calibrate`` on, ``weight * c * g_base/g_EL`` on each
     calibration update and ``weight * c * median(ratios)`` once ``calib_steps`` positive finite ratios
     are recorded; with it off, ``weight``."""
 
-    name, phase, uses_sample = "el", "generator", True
+    name, phase, uses_sample, calibrates = "el", "generator", True, True
 
     def __init__(self, cfg: ELConfig, kind: str, shape, sigma_data: float, weight: float):
         self.cfg, self.kind, self.shape, self.sigma_data = cfg, kind, tuple(shape), sigma_data
@@ -200,3 +200,6 @@ def build(cfg: ELConfig, ctx, weight: float) -> Method:
     """EL as an extra: one generator term, weight from ``--extra el=WEIGHT``."""
     check_config(cfg, ctx.kind)
     return Method(terms=[ELTerm(cfg, ctx.kind, ctx.shape, ctx.sigma_data, weight)])
+
+
+METHOD = MethodEntry(ELConfig, build, kind="extra")

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewstep.core.precond import P_MEAN, P_STD, RHO, SIGMA_MAX, SIGMA_MIN, edm_loss_weight
+from fewstep.core.precond import P_MEAN, P_STD, RHO, SIGMA_MAX, SIGMA_MIN, edm_denoising_loss, edm_loss_weight
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
 from fewstep.losses.di import edm_fake_loss, lognormal_sigma
-from fewstep.models.taps import bottleneck_path, forward_with_taps
+from fewstep.models.taps import bottleneck_path, capture, forward_with_taps
 
 # 1 fake step : 1 generator step, fake first; sigma_init = 2.5; Adam beta=(0, 0.999), no clipping
 _ADAM = {"betas": [0.0, 0.999], "grad_clip": 0.0}  # eps 1e-8 and weight decay 0: engine defaults
@@ -104,7 +104,7 @@ def gan_loss(l_fake, omega, clamp: float) -> torch.Tensor:
     return bce_mean(l_fake.clamp(-clamp, clamp), 1.0) / omega
 
 
-class SiDGenerator:
+class SiDGenerator(Term):
     """SiD (and SiDA) generator term: gradient through ``x_g`` and ``x_t`` into both networks."""
 
     name, phase, uses_sample = "sid", "generator", True
@@ -135,7 +135,7 @@ class SiDGenerator:
         return LossOutput(loss, logs)
 
 
-class FakeScore:
+class FakeScore(Term):
     """Critic: EDM loss of ``f_psi`` on ``sg(x_g)``; with SiDA also ``L_D`` on real vs generated
     samples, sharing sigma, the noise and the fake-branch forward with the denoising loss."""
 
@@ -152,10 +152,11 @@ class FakeScore:
             fake = edm_fake_loss(nets.fake, y, batch.cond, sigma, eps, self.sigma_data)
             return self._out(cfg.loss_scaling * fake, y, {"fake": fake})
         self.path = self.path or bottleneck_path(nets.fake)
+        with capture(nets.fake, [self.path]) as store:  # the logits share the fake branch's forward
+            fake = edm_denoising_loss(nets.fake, y, sigma, eps, batch.cond, self.sigma_data, sum_flat)
+        l_fake = store[self.path].mean(dim=1, keepdim=True)
         n = append_dims(sigma, y.ndim) * eps
-        D_y, l_fake = fake_with_logits(nets.fake, y + n, sigma, batch.cond, self.path)
         _, l_real = fake_with_logits(nets.fake, batch.real.to(y) + n, sigma, batch.cond, self.path)
-        fake = edm_loss_weight(sigma, self.sigma_data) * sum_flat((D_y - y) ** 2)
         keep = finite_samples(y, l_real)  # the BCEs are batch means: leave NaN samples out
         disc = d_loss(l_real[keep], l_fake[keep], sigma, self.sigma_data)
         logs = {"fake": fake, "sida_d": disc, "d_real_acc": (l_real > 0).float().mean(),
@@ -172,3 +173,6 @@ class FakeScore:
 def build(cfg: SiDConfig, ctx) -> Method:
     """SiD (or SiDA with ``adversarial``): generator term + fake-score term; no extra parameters."""
     return Method(terms=[SiDGenerator(cfg), FakeScore(cfg, ctx.sigma_data)], needs_fake=True)
+
+
+METHOD = MethodEntry(SiDConfig, build, DEFAULTS)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fewstep.core.drift import TEMPERATURES, anchor_margin_loss, drift_loss
 from fewstep.core.utils import append_dims
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, Nets
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
 from fewstep.losses.drift import (
     Groups,
     TeacherPool,
@@ -29,7 +29,7 @@ from fewstep.losses.drift import (
     make_groups,
     stream_generator,
 )
-from fewstep.models.taps import mlp_blocks, raw_unet, resolve_module
+from fewstep.models.taps import capture, mlp_blocks, raw_unet, resolve_module
 
 __all__ = ["DEFAULTS", "TFDConfig", "build", "default_taps", "pool_feature", "tap_features"]
 
@@ -117,30 +117,11 @@ def truncated_lognormal(n: int, generator: torch.Generator, mean: float = -1.2, 
     return (mean + std * torch.special.ndtri(p)).exp().clamp(lo, hi)
 
 
-class _TapsDone(Exception):
-    pass
-
-
 def tap_features(D, x, sigma, cond, paths: list[str]) -> dict[str, torch.Tensor]:
     """Pooled hidden states ``{path: [n, F]}`` of ``D(x, sigma, cond)``; the forward pass stops once
     every tap has fired (the layers after the last tap are never run)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_m, _inp, out, p):
-        if p not in store:
-            store[p] = out[0] if isinstance(out, tuple) else out
-        if len(store) == len(paths):
-            raise _TapsDone
-
-    handles = [resolve_module(D, p).register_forward_hook(lambda m, i, o, p=p: hook(m, i, o, p))
-               for p in paths]
-    try:
+    with capture(D, paths, stop_when_done=True) as store:
         D(x, sigma, cond)
-    except _TapsDone:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
     missing = [p for p in paths if p not in store]
     if missing:
         raise ConfigError(f"tap module(s) {missing} never ran in the teacher's forward pass; choose "
@@ -151,7 +132,7 @@ def tap_features(D, x, sigma, cond, paths: list[str]) -> dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # the term
 # ---------------------------------------------------------------------------------------------
-class TeacherFeatureDrift:
+class TeacherFeatureDrift(Term):
     """Generator term: drift + coverage summed over taps (spec B6, B10); returns a 0-dim loss."""
 
     name, phase, uses_sample = "tfd", "generator", True
@@ -282,3 +263,6 @@ def build(cfg: TFDConfig, ctx) -> Method:
     pool = (TeacherPool(cfg.teacher_pool, cfg.teacher_nfe, ctx.shape, ctx.num_classes, ctx.seed)
             if cfg.positives == "teacher" else None)
     return Method(terms=[TeacherFeatureDrift(cfg, paths, raw, relative, pool)], needs_fake=False)
+
+
+METHOD = MethodEntry(TFDConfig, build, DEFAULTS)

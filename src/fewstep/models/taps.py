@@ -60,20 +60,31 @@ def resolve_module(D: nn.Module, path: str) -> nn.Module:
         raise ConfigError(f"no module '{path}' in the network; some names: {', '.join(names)}") from None
 
 
+class _AllTapped(Exception):
+    """Raised by a hook to end a forward pass once every tap has fired (``stop_when_done``)."""
+
+
 @contextmanager
-def capture(D: nn.Module, paths: list[str]):
+def capture(D: nn.Module, paths: list[str], stop_when_done: bool = False):
     """Record the outputs of the modules at ``paths`` during forward passes of ``D``.
 
-    Yields a dict ``path -> tensor`` filled by the next forward call (the last call wins).
-    """
+    Yields a dict ``path -> tensor`` filled by the next forward call (the last call wins). With
+    ``stop_when_done`` the first output of each module wins and the forward pass ends as soon as
+    every tap has fired, so the layers after the last tap never run (feature-only passes)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for p in paths:
         def hook(_m, _inp, out, p=p):
+            if stop_when_done and p in store:
+                return
             store[p] = out[0] if isinstance(out, tuple) else out
+            if stop_when_done and len(store) == len(paths):
+                raise _AllTapped
         handles.append(resolve_module(D, p).register_forward_hook(hook))
     try:
         yield store
+    except _AllTapped:
+        pass
     finally:
         for h in handles:
             h.remove()

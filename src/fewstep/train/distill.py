@@ -11,61 +11,45 @@ other ranks wait for it (``train/dist.py``, docs/scaling.md).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from fewstep.config import DistillRunConfig, to_dict
 from fewstep.data import Dataset, load_dataset
-from fewstep.errors import FewstepError
-from fewstep.losses import BASES, EXTRAS
-from fewstep.losses.base import Batch, Method, Nets
+from fewstep.errors import ConfigError, FewstepError
+from fewstep.losses import METHODS
+from fewstep.losses.base import PHASES, Batch, Context, Method, Nets, Rollout
 from fewstep.models.io import load_teacher, save_model
 from fewstep.models.student import Student, default_sigmas
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 from fewstep.train import checkpoint as ckpt
 from fewstep.train import dist
-from fewstep.train.control import BadStep, Bookkeeper, LogAccumulator, StopSignals, out_of_time, reseed
+from fewstep.train.control import BadStep, LogAccumulator
+from fewstep.train.loop import make_optimizer, run_training
 from fewstep.train.phases import DISC, FAKE, GEN, critic_update, generator_update
 from fewstep.train.rng import StepRandom, derive_seed
-from fewstep.train.rundir import discard_unstarted_run, record_config, run_dir_status
-from fewstep.train.runlog import RunLog
+from fewstep.train.rollout import STUDENT_ROLLOUTS
 
 __all__ = ["build_run", "make_batch", "train_iteration", "generator_update", "critic_update",
-           "run_state", "load_run_state", "train_distill"]
-
-
-@dataclass
-class Context:
-    """What a method's ``build`` may know about the run (no networks to own, no files)."""
-
-    sigma_data: float
-    shape: tuple
-    num_classes: int
-    kind: str
-    seed: int
-    iters: int
-    bottleneck_channels: int = 0
-    bottleneck_spatial: bool = False
-    teacher: torch.nn.Module | None = None
+           "run_state", "load_run_state", "setup_methods", "train_distill", "Context"]
 
 
 @dataclass
 class Run:
+    """A distillation run as the shared loop (``train/loop.py``) trains it."""
+
     cfg: DistillRunConfig
     data: Dataset
     nets: Nets
-    methods: list[Method]
-    weights: dict
-    opts: dict
+    methods: list[Method]                  # the base first, then the extras in --extra order
+    opts: dict                             # phase name -> optimiser
     ema: torch.nn.Module | None
     device: torch.device
-    rollout_mode: str
+    rollout: Rollout                       # the student rollout of both phases
     ctx: Context | None = None
-    dp_detach: bool = True
+    target_rate: float | None = None       # EMA rate of nets.target (a method's target_rate)
     step: int = 0
     wall_s: float = 0.0
     bad_steps: int = 0
@@ -74,6 +58,31 @@ class Run:
 
     def terms(self, phases) -> list:
         return [t for m in self.methods for t in m.terms if t.phase in phases]
+
+    # the trainee interface of train/loop.py
+    def prepare(self, env, device) -> None:
+        setup_methods(self)
+
+    def start(self, env, device) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def iteration(self, log_norms: bool = False) -> dict:
+        return train_iteration(self, log_norms)
+
+    def state_dict(self) -> dict:
+        return run_state(self)
+
+    def load_state_dict(self, s: dict) -> None:
+        load_run_state(self, s)
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema if self.ema is not None else self.nets.student
+
+    def export(self, out: Path) -> None:
+        export_model(self, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,11 +116,6 @@ def build_student(teacher, cfg: DistillRunConfig, boundary: bool) -> Student:
     return Student(G, sigmas, renoise=s.renoise)
 
 
-def _optimizer(params, o) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             weight_decay=o.weight_decay)
-
-
 def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | None = None,
               data: Dataset | None = None) -> Run:
     """Load the teacher and data (or take them in-memory, for tests) and build every network."""
@@ -133,44 +137,42 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
         raise FewstepError(f"data '{data_name}' has labels 0..{data.num_classes - 1} but the teacher "
                            f"knows {classes} classes; pass data whose labels are below {classes}")
     ctx = Context(sigma_data=float(getattr(teacher, "sigma_data", 0.5)), shape=shape,
-                  num_classes=int(getattr(teacher, "num_classes", 0)), kind=data.kind,
-                  seed=cfg.train.seed, iters=cfg.train.iters, teacher=teacher)
+                  num_classes=classes, kind=data.kind, seed=cfg.train.seed, iters=cfg.train.iters,
+                  teacher=teacher)
     ctx.bottleneck_channels, ctx.bottleneck_spatial = _probe_bottleneck(teacher, shape, device)
-    conf_cls, build, _ = BASES[cfg.method]
-    methods = [build(getattr(cfg, cfg.method), ctx)]
-    weights = {t.name: getattr(t, "weight", 1.0) for t in methods[0].terms}
-    for name, w in cfg.extras.items():
-        _, build_extra = EXTRAS[name]
-        m = build_extra(getattr(cfg, name), ctx, w)
-        methods.append(m)
-        weights.update({t.name: getattr(t, "weight", w) for t in m.terms})
-    run = _assemble(cfg, data, teacher, methods, weights, device)
+    methods = [METHODS[cfg.method].make(getattr(cfg, cfg.method), ctx)]
+    methods += [METHODS[name].make(getattr(cfg, name), ctx, w) for name, w in cfg.extras.items()]
+    run = _assemble(cfg, data, teacher, methods, device)
     run.ctx = ctx
     return run
 
 
-def _assemble(cfg, data, teacher, methods, weights, device) -> Run:
-    base = methods[0]
-    student = build_student(teacher, cfg, base.boundary).to(device)
+def _only_one(methods: list[Method], what: str, values: list):
+    """The one value some method of the run declares for ``what`` (None if none does)."""
+    if len(values) > 1:
+        raise ConfigError(f"{len(values)} methods of this run each bring their own {what}; "
+                          "combine methods that bring at most one")
+    return values[0] if values else None
+
+
+def _assemble(cfg, data, teacher, methods: list[Method], device) -> Run:
+    student = build_student(teacher, cfg, any(m.boundary for m in methods)).to(device)
     nets = Nets(teacher=teacher, student=student)
-    opts = {GEN: _optimizer(student.parameters(), cfg.optim)}
-    if base.needs_fake:
+    opts = {GEN: make_optimizer(student.parameters(), cfg.optim)}
+    if any(m.needs_fake for m in methods):
         nets.fake = copy.deepcopy(teacher).requires_grad_(True).train()
-        opts[FAKE] = _optimizer(nets.fake.parameters(), cfg.fake_optim)
-    if base.needs_head is not None:
-        nets.head = base.needs_head.to(device)
-        opts[DISC] = _optimizer(nets.head.parameters(), cfg.disc_optim)
-    if base.needs_target:
+        opts[FAKE] = make_optimizer(nets.fake.parameters(), cfg.fake_optim)
+    head = _only_one(methods, "GAN head", [m.head for m in methods if m.head is not None])
+    if head is not None:
+        nets.head = head.to(device)
+        opts[DISC] = make_optimizer(nets.head.parameters(), cfg.disc_optim)
+    rate = _only_one(methods, "target network", [m.target_rate for m in methods if m.target_rate is not None])
+    if rate is not None:
         nets.target = copy.deepcopy(student).requires_grad_(False)
-    modes = {m.rollout for m in methods if m.rollout}
-    mode = "dp" if "dp" in modes else cfg.student.rollout
-    if mode == "dp" and student.num_steps > 1 and student.renoise != "ddim":
-        raise FewstepError("DP-DMD trains a deterministic chain: set student.renoise=ddim "
-                           "(so sampling uses the same chain)")
-    dp_detach = all(getattr(m, "dp_detach", True) for m in methods)
+    rollout = _only_one(methods, "student rollout", [m.rollout for m in methods if m.rollout is not None])
     ema = copy.deepcopy(student).requires_grad_(False) if cfg.train.ema_halflife > 0 else None
-    return Run(cfg, data, nets, methods, weights, opts, ema, device, mode, dp_detach=dp_detach,
-               slices=dist.shard(dist.env(), cfg.train.batch, cfg.train.micro_batch))
+    return Run(cfg, data, nets, methods, opts, ema, device, rollout or STUDENT_ROLLOUTS[cfg.student.rollout],
+               target_rate=rate, slices=dist.shard(dist.env(), cfg.train.batch, cfg.train.micro_batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def make_batch(run: Run, step: int, lo: int = 0, hi: int | None = None) -> Batch
                            .generator(stream)).to(run.device)
 
     return Batch(z=z, cond=cond, real=real, rnd=rnd, step=step, seed=run.cfg.train.seed,
-                 draw_real=draw_real, global_batch=B)
+                 draw_real=draw_real, global_batch=B, all_mean=dist.all_mean)
 
 
 def sample_real(data: Dataset, labels_or_n, g: torch.Generator) -> torch.Tensor:
@@ -247,45 +249,37 @@ def train_iteration(run: Run, log_norms: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 def run_state(run: Run) -> dict:
     """Everything needed to continue exactly (DESIGN.md convention 7)."""
-    n = run.nets
     state = {"step": run.step, "wall_s": run.wall_s, "bad_steps": run.bad_steps,
-             "log_acc": run.log_acc.state_dict(), "student": n.student.state_dict(), "rng": ckpt.rng_state(),
-             "opts": {k: o.state_dict() for k, o in run.opts.items()},
-             "terms": {t.name: t.state_dict() for m in run.methods for t in m.terms
-                       if hasattr(t, "state_dict")}}
-    for name in ("fake", "head", "target"):
-        if getattr(n, name) is not None:
-            state[name] = getattr(n, name).state_dict()
+             "log_acc": run.log_acc.state_dict(), "student": run.nets.student.state_dict(),
+             "rng": ckpt.rng_state(), "opts": {k: o.state_dict() for k, o in run.opts.items()},
+             "terms": {t.name: t.state_dict() for t in run.terms(set(PHASES))}}
+    state.update({name: net.state_dict() for name, net in run.nets.extra_networks().items()})
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
     return state
 
 
 def load_run_state(run: Run, s: dict) -> None:
-    n = run.nets
-    n.student.load_state_dict(s["student"])
-    for name in ("fake", "head", "target"):
-        if getattr(n, name) is not None:
-            getattr(n, name).load_state_dict(s[name])
+    run.nets.student.load_state_dict(s["student"])
+    for name, net in run.nets.extra_networks().items():
+        net.load_state_dict(s[name])
     if run.ema is not None:
         run.ema.load_state_dict(s["ema"])
     for k, o in run.opts.items():
         o.load_state_dict(s["opts"][k])
-    for m in run.methods:
-        for t in m.terms:
-            if hasattr(t, "load_state_dict") and t.name in s.get("terms", {}):
-                t.load_state_dict(s["terms"][t.name])
+    saved = s.get("terms", {})
+    for t in run.terms(set(PHASES)):
+        if t.name in saved:
+            t.load_state_dict(saved[t.name])
     run.step, run.wall_s, run.bad_steps = s["step"], s["wall_s"], s["bad_steps"]
     run.log_acc.load_state_dict(s.get("log_acc"))
     ckpt.set_rng_state(s["rng"])
 
 
-def _setup_methods(run: Run) -> None:
-    """One-time precomputation some terms need (e.g. DMD v1 regression pairs)."""
-    for m in run.methods:
-        for t in m.terms:
-            if hasattr(t, "setup"):
-                t.setup(run.nets, run.ctx)
+def setup_methods(run: Run) -> None:
+    """Each term's one-time setup (precomputation, checks on the built networks)."""
+    for t in run.terms(set(PHASES)):
+        t.setup(run.nets, run.ctx)
 
 
 def student_meta(run: Run) -> dict:
@@ -312,48 +306,11 @@ def export_model(run: Run, out: Path) -> None:
 
 def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:
     """Distil (or resume, or skip if finished) into run directory ``out``; under torchrun every
-    process calls this and rank 0 writes the files."""
-    out = Path(out)
+    process calls this and rank 0 writes the files. Make ``cfg`` with ``fewstep.recipe.distill_config``
+    (method defaults, presets and overrides, as ``fewstep distill`` does)."""
     with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
         with torch.random.fork_rng(devices=[]):  # the same GAN-head init on every rank and run
             torch.manual_seed(derive_seed(cfg.train.seed, "build"))
             run = build_run(cfg, device)
-        existed = out.exists()
-        status = run_dir_status(env, out, to_dict(cfg), "student")
-        if status == "done":
-            return out
-        with discard_unstarted_run(out, existed, enabled=env.is_main and status == "new"):
-            _setup_methods(run)  # before loading: a term's saved state wins over its setup
-            if status == "resume":  # load before writing anything: a refused checkpoint changes nothing
-                load_run_state(run, ckpt.load_latest(out / "checkpoints", map_location=device))
-            dist.on_main(record_config, out, to_dict(cfg))
-            log = RunLog(out, enabled=env.is_main)
-            dist.on_main(log.resume_from, run.step)
-            with StopSignals() as stop:
-                _loop(run, out, log, evaluate, progress and env.is_main, stop)
-            dist.on_main(export_model, run, out)
-            log.close()
-    return out
-
-
-def _loop(run: Run, out: Path, log: RunLog, evaluate, progress: bool, stop: StopSignals) -> None:
-    t, books = run.cfg.train, Bookkeeper(run.cfg.train, out, log, stop)
-    bar = tqdm(total=t.iters, initial=run.step, desc=f"distill {run.cfg.method}",
-               disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter() - run.wall_s
-    eval_fn = (lambda: evaluate(_eval_model(run), run.step)) if evaluate else None
-    done = out_of_time(t, run.wall_s)
-    while run.step < t.iters and not done:
-        reseed(t.seed, run.step)
-        logs = train_iteration(run, log_norms=(run.step + 1) % t.log_every == 0)
-        run.wall_s = time.perf_counter() - t0
-        bar.update(1)
-        done = out_of_time(t, run.wall_s)  # equal wall-clock budgets (train.time_budget_s)
-        books.after(run.step, run.wall_s, logs, run.log_acc, run.bad_steps, lambda: run_state(run), eval_fn,
-                    last=run.step == t.iters or done)
-    bar.close()
-    books.final(run.step, run.wall_s, eval_fn)
-
-
-def _eval_model(run: Run):
-    return run.ema if run.ema is not None else run.nets.student
+        return run_training(env, device, out, to_dict(cfg), "student", run, cfg.train, evaluate,
+                            progress, desc=f"distill {cfg.method}")

@@ -122,3 +122,22 @@ def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: 
     for r in range(repeats):
         gen.sample(batch, seed=r, nfe=nfe, sampler=sampler, batch=batch, device=device)
     return repeats * batch / (time.perf_counter() - t0)
+
+
+def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sampler: str = "heun",
+                   seed: int = 0, device: str = "auto") -> int:
+    """``fewstep sample``: ``n`` samples of a teacher or student into ``out`` (a grid or 2-D scatter
+    ``.png``, or ``.npz``); returns the NFE used."""
+    from fewstep.report.pictures import save_samples
+    from fewstep.train.device import resolve_device
+
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise FewstepError(f"--out must end in .png or .npz, got '{out.name}'")
+    if n <= 0:
+        raise FewstepError(f"--n must be positive, got {n}")
+    dev = resolve_device(device)
+    gen = load_generator(model, dev)
+    x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=dev)
+    save_samples(out, x, y, gen)
+    return gen.nfe(nfe, sampler)

@@ -17,7 +17,7 @@ from fewstep.losses.base import Batch, GenOut
 from fewstep.train import dist
 from fewstep.train.control import BadStep
 from fewstep.train.ema import ema_beta, ema_update
-from fewstep.train.rollout import rollout
+from fewstep.train.loop import lr_at
 
 GEN, FAKE, DISC = "generator", "fake_score", "discriminator"
 
@@ -34,14 +34,14 @@ def set_trainable(run, phase: str) -> None:
 def phase_loss(run, terms, batch: Batch, gen, grad_norms: bool, bad: dict, lam: dict):
     """``(sum of weighted term means, logs)``; non-finite terms are recorded in ``bad`` and left out.
 
-    A term's calibrated weight (EL's gradient-ratio rule, el.md section 5) is computed once per
+    A calibrating term's weight (``Term.calibrates``: EL's gradient-ratio rule) is computed once per
     update (the first micro-batch) with gradient statistics averaged over processes, and cached
     in ``lam`` for the other micro-batches."""
     total, logs = 0.0, {}
     for term in terms:
         out = term(run.nets, batch, gen)
-        w = run.weights.get(term.name, 1.0)
-        if hasattr(term, "calibrated_weight"):
+        w = term.weight
+        if term.calibrates:
             if term.name not in lam:
                 params = [p for p in run.nets.student.parameters() if p.requires_grad]
                 lam[term.name] = term.calibrated_weight(params, total, out.loss.mean(), batch.step,
@@ -61,10 +61,9 @@ def phase_loss(run, terms, batch: Batch, gen, grad_norms: bool, bad: dict, lam: 
 
 
 def _grad_norms(name: str, loss: torch.Tensor, gen: GenOut) -> dict:
-    """Norm of a term's gradient on the generator output (and on DP-DMD's first-step output)."""
-    outs = {"": gen.x}
-    if gen.x0_first is not None and gen.x0_first is not gen.x:
-        outs["_first"] = gen.x0_first
+    """Norm of a term's gradient on the generator output and on each other output of the rollout
+    (``GenOut.aux``, e.g. DP-DMD's first-step prediction: ``gradnorm_<term>_first``)."""
+    outs = {"": gen.x, **{f"_{k}": v for k, v in gen.aux.items() if v is not gen.x}}
     grads = torch.autograd.grad(loss, list(outs.values()), retain_graph=True, allow_unused=True)
     return {f"gradnorm_{name}{k}": 0.0 if g is None else float(g.norm()) for k, g in zip(outs, grads)}
 
@@ -88,10 +87,6 @@ def clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -
         raise BadStep(f"{what} gradient is not finite")
 
 
-def lr_at(o, step: int) -> float:
-    return o.lr * (min(1.0, (step + 1) / o.warmup) if o.warmup else 1.0)
-
-
 def apply_updates(run, specs, terms, bad: dict) -> None:
     """Average gradients over processes; refuse if a term or gradient is not finite anywhere
     (every process agrees), else clip and step each ``(optimiser name, network, config)``."""
@@ -110,15 +105,13 @@ def apply_updates(run, specs, terms, bad: dict) -> None:
 
 
 def term_states(run) -> dict:
-    return {id(t): copy.deepcopy(t.state_dict()) for m in run.methods for t in m.terms
-            if hasattr(t, "state_dict")}
+    return {id(t): copy.deepcopy(t.state_dict()) for m in run.methods for t in m.terms}
 
 
 def restore_term_states(run, states: dict) -> None:
     for m in run.methods:
         for t in m.terms:
-            if id(t) in states:
-                t.load_state_dict(states[id(t)])
+            t.load_state_dict(states[id(t)])
 
 
 def _as_list(batches):
@@ -150,7 +143,7 @@ def generator_update(run, batches, log_norms: bool):
     for batch in batches:
         gen = None
         if any(t.uses_sample for t in terms):
-            gen = rollout(run.nets.student, batch, run.rollout_mode, dp_detach=run.dp_detach)
+            gen = run.rollout(run.nets.student, batch, batch.z)
         total, lg = phase_loss(run, terms, batch, gen, log_norms, bad, lam)
         if not bad:
             _backward(total, batch, local)
@@ -170,8 +163,7 @@ def _after_generator_step(run) -> None:
         ema_update(run.ema, run.nets.student, ema_beta(run.step, run.cfg.train.ema_halflife,
                                                        run.cfg.train.ema_rampup))
     if run.nets.target is not None:
-        mu = getattr(run.methods[0], "target_mu", 0.0)
-        ema_update(run.nets.target, run.nets.student, mu)
+        ema_update(run.nets.target, run.nets.student, run.target_rate)
 
 
 def critic_update(run, batches, gens=None) -> dict:
@@ -191,7 +183,7 @@ def critic_update(run, batches, gens=None) -> dict:
         if gen is None:
             with torch.no_grad():
                 z = batch.rnd.randn("z_critic", *run.data.shape).to(batch.z)
-                gen = rollout(run.nets.student, batch, run.rollout_mode, z=z, dp_detach=run.dp_detach)
+                gen = run.rollout(run.nets.student, batch, z)
         total, lg = phase_loss(run, terms, batch, _detached(gen), False, bad, {})
         if not bad:
             _backward(total, batch, local)

@@ -1,11 +1,10 @@
-"""Student rollouts for the generator and critic phases (DMD2 section 4; DP-DMD section 4).
+"""The student rollouts a run chooses with ``student.rollout`` (DMD2 section 4), for the generator
+and critic phases; a method may bring its own instead (``Method.rollout``, e.g. DP-DMD's).
 
 * ``full``: the whole k-step chain with gradient through every step (DP-DMD's baseline arm).
 * ``backsim``: DMD2's backward simulation: a step index j shared by all processes; the first j
   steps run without gradient from fresh noise, the result is re-noised to sigma_j, and the
   generator is trained on its x0 prediction at sigma_j.
-* ``dp``: deterministic (DDIM) chain; the first-step prediction is returned for DP-DMD's target and
-  the state after step 1 is detached (``detach=True``), so the DMD term trains only steps 2..k.
 """
 
 from __future__ import annotations
@@ -44,27 +43,4 @@ def rollout_backsim(student: Student, batch: Batch, z: torch.Tensor) -> GenOut:
     return GenOut(x=student.denoise(x_j, j, batch.cond), x_T=x_T, sigma=student.sigma(j))
 
 
-def rollout_dp(student: Student, batch: Batch, z: torch.Tensor, detach: bool = True) -> GenOut:
-    x_T = student.sigma(0) * z
-    pred0 = student.denoise(x_T, 0, batch.cond)
-    x0 = pred0
-    if student.num_steps > 1:
-        x = x0 + (student.sigma(1) / student.sigma(0)) * (x_T - x0)
-        x = x.detach() if detach else x
-        for i in range(1, student.num_steps):
-            x0 = student.denoise(x, i, batch.cond)
-            if i < student.num_steps - 1:
-                x = x0 + (student.sigma(i + 1) / student.sigma(i)) * (x - x0)
-    return GenOut(x=x0, x_T=x_T, x0_first=pred0, sigma=student.sigma(student.num_steps - 1))
-
-
-def rollout(student: Student, batch: Batch, mode: str, z: torch.Tensor | None = None,
-            dp_detach: bool = True) -> GenOut:
-    z = batch.z if z is None else z
-    if mode == "full":
-        return rollout_full(student, batch, z)
-    if mode == "backsim":
-        return rollout_backsim(student, batch, z)
-    if mode == "dp":
-        return rollout_dp(student, batch, z, dp_detach)
-    raise ValueError(f"unknown rollout mode {mode!r}")
+STUDENT_ROLLOUTS = {"full": rollout_full, "backsim": rollout_backsim}  # student.rollout

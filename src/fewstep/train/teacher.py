@@ -10,28 +10,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from fewstep.config import TeacherRunConfig, to_dict
-from fewstep.core.precond import P_MEAN, P_STD, edm_loss_weight
-from fewstep.core.utils import append_dims, mean_flat
+from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss
 from fewstep.data import Dataset, load_dataset
 from fewstep.errors import ConfigError
 from fewstep.models.io import build_denoiser, save_model
 from fewstep.train import checkpoint as ckpt
 from fewstep.train import dist
-from fewstep.train.control import BadStep, Bookkeeper, LogAccumulator, StopSignals, out_of_time, reseed
+from fewstep.train.control import BadStep, LogAccumulator
 from fewstep.train.ema import ema_beta, ema_update
+from fewstep.train.loop import lr_at, make_optimizer, run_training
 from fewstep.train.phases import clip_and_check
 from fewstep.train.rng import StepRandom, derive_seed
-from fewstep.train.rundir import discard_unstarted_run, record_config, run_dir_status
-from fewstep.train.runlog import RunLog
 
 
 def describe_data(data: Dataset) -> dict:
@@ -58,24 +54,60 @@ def model_spec(cfg: TeacherRunConfig, data: Dataset) -> dict:
 
 
 def edm_loss(D, x: torch.Tensor, cond, rnd: StepRandom, sigma_data: float) -> torch.Tensor:
-    """EDM denoising loss per sample ``[B]`` with noise drawn from ``rnd``."""
+    """EDM denoising loss per sample ``[B]`` with ``ln sigma ~ N(P_mean, P_std^2)`` and the noise
+    drawn from ``rnd`` (the one loss of ``core.precond.edm_denoising_loss``)."""
     sigma = (P_MEAN + P_STD * rnd.randn("sigma")).exp()
-    n = rnd.randn("noise", *x.shape[1:]) * append_dims(sigma, x.ndim)
-    weight = edm_loss_weight(sigma, sigma_data)
-    return weight * mean_flat((D(x + n, sigma, cond) - x) ** 2)
+    return edm_denoising_loss(D, x, sigma, rnd.randn("noise", *x.shape[1:]), cond, sigma_data)
 
 
 @dataclass
 class TeacherState:
+    """A teacher run as the shared loop (``train/loop.py``) trains it."""
+
     net: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     slices: list                   # this process's [lo, hi) micro-batches of the global batch
+    cfg: TeacherRunConfig | None = None
+    data: Dataset | None = None
+    spec: dict | None = None       # model.json spec of the network
+    device: torch.device | None = None
     model: torch.nn.Module | None = None  # what the loss calls: ``net``, or its DDP wrapper
     step: int = 0
     wall_s: float = 0.0
     bad_steps: int = 0
     log_acc: LogAccumulator = field(default_factory=LogAccumulator)
+
+    def prepare(self, env, device) -> None:
+        pass
+
+    def start(self, env, device) -> None:
+        if env.enabled:  # after loading: DDP broadcasts rank 0's weights at construction
+            self.model = DistributedDataParallel(self.net, device_ids=[device.index]
+                                                 if device.type == "cuda" else None)
+
+    def finish(self) -> None:
+        self.model = None  # release DDP (its reducer holds the process group) before leaving
+
+    def iteration(self, log_norms: bool = False) -> dict:
+        """One step, or a refused step (counted; the step index still advances)."""
+        try:
+            logs = {"loss": _train_step(self, self.data, self.cfg, self.device),
+                    "lr": lr_at(self.cfg.optim, self.step)}
+        except BadStep as e:
+            self.bad_steps += 1
+            logs = {"refused_step": str(e)}
+        self.step += 1
+        return logs
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema
+
+    def export(self, out: Path) -> None:
+        meta = {"role": "teacher", "iterations": self.step, "data": describe_data(self.data),
+                "train_wall_s": round(self.wall_s, 2), "sampler": self.cfg.sample.sampler,
+                "nfe": self.cfg.sample.nfe}
+        save_model(out, self.ema, self.spec, meta)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "wall_s": self.wall_s, "bad_steps": self.bad_steps,
@@ -89,11 +121,6 @@ class TeacherState:
         self.step, self.wall_s, self.bad_steps = s["step"], s["wall_s"], s.get("bad_steps", 0)
         self.log_acc.load_state_dict(s.get("log_acc"))
         ckpt.set_rng_state(s["rng"])
-
-
-def _lr(cfg: TeacherRunConfig, step: int) -> float:
-    warm = cfg.optim.warmup
-    return cfg.optim.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
 def _micro_loss(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, lo: int, hi: int, device):
@@ -125,7 +152,7 @@ def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, devic
         raise BadStep(f"term 'edm' is {loss}")
     clip_and_check(state.net.parameters(), cfg.optim.grad_clip, "teacher")
     for group in state.opt.param_groups:
-        group["lr"] = _lr(cfg, state.step)
+        group["lr"] = lr_at(cfg.optim, state.step)
     state.opt.step()
     ema_update(state.ema, state.net, ema_beta(state.step, cfg.train.ema_halflife, cfg.train.ema_rampup))
     return loss
@@ -145,70 +172,12 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
     ``evaluate(model, step) -> dict`` is called every ``train.eval_every`` iterations and at the end.
     Under torchrun every process calls this; rank 0 writes the files.
     """
-    out = Path(out)
     with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
         data = load_dataset(cfg.data.name, conditional=cfg.data.conditional)
         spec, net = build_teacher_net(cfg, data)
         net = net.to(device)
-        existed = out.exists()
-        status = run_dir_status(env, out, to_dict(cfg), "teacher")
-        if status == "done":
-            return out
-        state = TeacherState(net, copy.deepcopy(net).requires_grad_(False), _optimizer(net, cfg),
-                             dist.shard(env, cfg.train.batch, cfg.train.micro_batch))
-        with discard_unstarted_run(out, existed, enabled=env.is_main and status == "new"):
-            if status == "resume":  # load before writing anything: a refused checkpoint changes nothing
-                state.load_state_dict(ckpt.load_latest(out / "checkpoints", map_location=device))
-            dist.on_main(record_config, out, to_dict(cfg))
-            log = RunLog(out, enabled=env.is_main)
-            dist.on_main(log.resume_from, state.step)
-            if env.enabled:  # after loading: DDP broadcasts rank 0's weights at construction
-                state.model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
-            with StopSignals() as stop:
-                _loop(state, data, cfg, out, log, device, evaluate, progress and env.is_main, stop)
-            meta = {"role": "teacher", "iterations": state.step, "data": describe_data(data),
-                    "train_wall_s": round(state.wall_s, 2), "sampler": cfg.sample.sampler,
-                    "nfe": cfg.sample.nfe}
-            dist.on_main(save_model, out, state.ema, spec, meta)
-            log.close()
-            state.model = None  # release DDP (its reducer holds the process group) before leaving
-    return out
-
-
-def _optimizer(net, cfg: TeacherRunConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    return torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             weight_decay=o.weight_decay)
-
-
-def _iteration(state: TeacherState, data, cfg, device) -> dict:
-    """One iteration: a step, or a refused step (counted; the step index still advances)."""
-    reseed(cfg.train.seed, state.step)
-    try:
-        logs = {"loss": _train_step(state, data, cfg, device), "lr": _lr(cfg, state.step)}
-    except BadStep as e:
-        state.bad_steps += 1
-        logs = {"refused_step": str(e)}
-    state.step += 1
-    return logs
-
-
-def _loop(state, data, cfg, out, log, device, evaluate, progress, stop) -> None:
-    t, books = cfg.train, Bookkeeper(cfg.train, out, log, stop)
-    bar = tqdm(total=t.iters, initial=state.step, desc="teacher", disable=not progress,
-               dynamic_ncols=True)
-    t0 = time.perf_counter() - state.wall_s
-    eval_fn = (lambda: evaluate(state.ema, state.step)) if evaluate else None
-    done = out_of_time(t, state.wall_s)
-    while state.step < t.iters and not done:
-        logs = _iteration(state, data, cfg, device)
-        state.wall_s = time.perf_counter() - t0
-        bar.update(1)
-        done = out_of_time(t, state.wall_s)
-        rec = books.after(state.step, state.wall_s, logs, state.log_acc, state.bad_steps,
-                          state.state_dict, eval_fn, last=state.step == t.iters or done)
-        if rec and "loss" in rec:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-    bar.close()
-    books.final(state.step, state.wall_s, eval_fn)
+        state = TeacherState(net, copy.deepcopy(net).requires_grad_(False),
+                             make_optimizer(net.parameters(), cfg.optim),
+                             dist.shard(env, cfg.train.batch, cfg.train.micro_batch), cfg, data, spec, device)
+        return run_training(env, device, out, to_dict(cfg), "teacher", state, cfg.train, evaluate,
+                            progress, desc="teacher")

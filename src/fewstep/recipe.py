@@ -1,0 +1,77 @@
+"""Recipes: the one place where a run's configuration is resolved (DESIGN.md "A method is sealed").
+
+``distill_config`` resolves, in this order: the method's own defaults for the shared sections
+(``MethodEntry.defaults`` of the base, then of each extra), the presets (``distill_default``, then
+``distill_<data>`` and ``distill_<data>_<method>`` for the teacher's data set, or the one preset the
+caller names), then the caller's ``key=value`` overrides. ``teacher_config`` does the same for
+teachers. The CLI, ``fewstep bench`` / ``perf`` and library users all call these, so
+``fewstep distill --method sid`` and ``train_distill(distill_config(teacher, "sid"))`` are one config.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from fewstep.config import PRESET_DIR, DistillRunConfig, TeacherRunConfig, load_preset, resolve
+from fewstep.errors import ConfigError, FewstepError
+from fewstep.losses import BASES, EXTRAS, METHODS
+
+
+def _merge(into: dict, section: dict) -> dict:
+    """Presets and defaults merge per section (a preset's ``optim.lr`` keeps the method's betas)."""
+    for key, value in section.items():
+        into[key] = {**into.get(key, {}), **value} if isinstance(value, dict) else value
+    return into
+
+
+def teacher_data_name(teacher: str) -> str:
+    """The data set a teacher directory records ("" when it records none or is not fewstep's)."""
+    from fewstep.models.io import read_model_json
+
+    try:
+        return read_model_json(teacher)[1].get("data", {}).get("name", "")
+    except FewstepError:
+        return ""
+
+
+def _check_names(method: str, extras: dict) -> None:
+    if method not in BASES:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(BASES)}")
+    for name in extras:
+        if name not in EXTRAS:
+            near = difflib.get_close_matches(name, list(EXTRAS), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
+            raise ConfigError(f"unknown extra '{name}'{hint}")
+
+
+def distill_presets(data: str, method: str) -> list[str]:
+    """The built-in presets that apply to a teacher trained on ``data`` and a base ``method``."""
+    names = ("distill_default", f"distill_{data}", f"distill_{data}_{method}")
+    return [p for p in names if (PRESET_DIR / f"{p}.yaml").exists()]
+
+
+def distill_config(teacher: str, method: str, extras: dict | None = None, overrides=(),
+                   preset: str | None = None) -> DistillRunConfig:
+    """The resolved, validated config of ``fewstep distill --teacher T --method M [--extra e=w ...]
+    [key=value ...]``; ``preset`` replaces the built-in presets by one preset name or YAML path."""
+    extras = dict(extras or {})
+    _check_names(method, extras)
+    base: dict = {}
+    for name in (method, *extras):
+        _merge(base, {k: dict(v) for k, v in METHODS[name].defaults.items()})
+    for name in [preset] if preset else distill_presets(teacher_data_name(teacher), method):
+        _merge(base, load_preset(name))
+    fixed = [f"teacher={teacher}", f"method={method}", *(f"extras.{k}={v}" for k, v in extras.items())]
+    cfg = resolve(DistillRunConfig, base, fixed + list(overrides))
+    cfg.teacher = str(teacher)  # keep paths verbatim (YAML parsing could mangle them)
+    return cfg
+
+
+def teacher_config(data: str, overrides=(), preset: str | None = None) -> TeacherRunConfig:
+    """The resolved config of ``fewstep teacher --data D [key=value ...]`` (``teacher_<data>`` preset
+    when one exists, else ``teacher_default``)."""
+    name = preset or (f"teacher_{data}" if (PRESET_DIR / f"teacher_{data}.yaml").exists()
+                      else "teacher_default")
+    cfg = resolve(TeacherRunConfig, load_preset(name), [f"data.name={data}", *overrides])
+    cfg.data.name = str(data)  # keep paths verbatim
+    return cfg

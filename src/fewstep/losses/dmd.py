@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.core.precond import edm_denoising_loss
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.core.utils import append_dims, mean_flat
 from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, check_non_negative
@@ -78,10 +79,9 @@ class DistributionMatching(Term):
 
 def fake_score_loss(fake, x, cond, sigma, eps, sigma_data: float) -> torch.Tensor:
     """EDM denoising loss of the fake network on generated samples ``[B]``, weight
-    ``lambda = sigma^-2 + sigma_data^-2`` (dmd.md 2.2)."""
-    x_sigma = x + append_dims(sigma, x.ndim) * eps
-    weight = sigma**-2 + sigma_data**-2
-    return weight * mean_flat((fake(x_sigma, sigma, cond) - x) ** 2)
+    ``lambda = sigma^-2 + sigma_data^-2`` = EDM's ``(sigma^2 + sigma_data^2)/(sigma sigma_data)^2``
+    (dmd.md 2.2), mean over elements."""
+    return edm_denoising_loss(fake, x, sigma, eps, cond, sigma_data)
 
 
 class FakeScore(Term):

@@ -7,7 +7,7 @@ shared config sections (applied before presets and overrides by ``fewstep.recipe
 (``base`` or ``extra``) and an optional check of the run config. ``BASES`` and ``EXTRAS`` are views.
 """
 
-from fewstep.losses import cd, di, dmd, dp, drift, el, sid, tfd
+from fewstep.losses import cd, di, dmd, dp, drift, el, fdistill, sid, tfd
 from fewstep.losses.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -17,6 +17,7 @@ METHODS: dict[str, MethodEntry] = {
     "cd": cd.METHOD,
     "tfd": tfd.METHOD,
     "drift": drift.METHOD,
+    "fdistill": fdistill.METHOD,
     "el": el.METHOD,
     "dp": dp.METHOD,
 }

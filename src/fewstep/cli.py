@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--title", default="fewstep report")
 
+    p = sub.add_parser("convert", help="read an EDM / EDM2 network .pkl as data (never executing it) "
+                       "and write model.safetensors + model.json")
+    p.add_argument("pickle", help="NVlabs/edm or edm2 snapshot, e.g. edm-cifar10-32x32-cond-vp.pkl")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--data", help="the network's data set (recorded, so distill and eval need no data.name)")
+
     p = sub.add_parser("featnet", help="retrain the digits feature network (metric space)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--seed", type=int, default=0)
@@ -256,9 +262,27 @@ def cmd_featnet(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from fewstep.models.edm_pickle import load_edm_pickle
+    from fewstep.models.io import save_model
+
+    src = Path(args.pickle)
+    if src.suffix != ".pkl" or not src.is_file():
+        raise FewstepError(f"{src} is not a .pkl file; 'fewstep convert' reads NVlabs/edm and edm2 network "
+                           "pickles")
+    D, meta = load_edm_pickle(src)
+    if args.data:
+        meta["data"]["name"] = args.data
+    save_model(Path(args.out), D, D.spec, meta)
+    n = sum(p.numel() for p in D.parameters())
+    print(f"{meta['class_name']} / {meta['model_type']} ({n / 1e6:.2f} M parameters, samples "
+          f"{meta['data']['shape']}, {meta['data']['num_classes']} classes) written to {args.out}")
+    return 0
+
+
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
             "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "convert": cmd_convert}
 
 
 def _set_threads() -> None:

@@ -6,8 +6,10 @@ their constructor arguments) and the ``EDMPrecond`` fields (``sigma_data``, ``si
 ``boundary``, ``boundary_sigma_min``). Saved specs are complete (defaults filled in), so a model still
 loads if a default changes later. ``meta`` is free-form JSON (what trained it, data, steps, ...).
 
-Pickles are never opened: ``.pt/.pth/.pkl/.bin/.ckpt`` files are refused with a message naming
-safetensors.
+Spec types "edm_songunet" / "edm_dhariwal" / "edm2_unet" are fewstep's versions of the NVlabs/edm and
+edm2 networks (``models/edm_precond.py``). Pickles are never unpickled: ``.pt/.pth/.bin/.ckpt`` files are
+refused with a message naming safetensors; an EDM / EDM2 network ``.pkl`` is read as data by the
+restricted loader in ``models/edm_pickle.py`` (it refuses anything else).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k != "self"}
 
 
+EDM_TYPES = ("edm_songunet", "edm_dhariwal", "edm2_unet")  # models/edm_precond.py SPEC_TYPES
 DIFFUSERS_KEYS = {"type", "unet_config", "alphas_cumprod", "prediction_type", "quantize", "null_class"}
 DIFFUSERS_OPTIONAL = {"boundary": False, "boundary_sigma_min": SIGMA_MIN}  # consistency students
 
@@ -52,9 +55,14 @@ def normalize_spec(spec: dict) -> dict:
         if missing or unknown:
             raise ModelError(f"diffusers model spec: missing {missing}, unknown {unknown}")
         return {**DIFFUSERS_OPTIONAL, **spec}
+    if isinstance(spec, dict) and spec.get("type") in EDM_TYPES:  # an NVlabs/edm or edm2 network
+        from fewstep.models.edm_precond import normalize_edm_spec
+
+        return normalize_edm_spec(spec)
     if not isinstance(spec, dict) or spec.get("type") not in ARCHS:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
-        raise ModelError(f"model spec type {kind!r} is unknown; expected one of {sorted(ARCHS)}")
+        raise ModelError(f"model spec type {kind!r} is unknown; expected one of "
+                         f"{sorted([*ARCHS, 'diffusers', *EDM_TYPES])}")
     params = _arch_params(ARCHS[spec["type"]])
     allowed = {"type", *params, *PRECOND_DEFAULTS}
     unknown = sorted(set(spec) - allowed)
@@ -81,6 +89,10 @@ def build_denoiser(spec: dict) -> EDMPrecond:
         from fewstep.models.adapters import build_diffusers_denoiser
 
         return build_diffusers_denoiser(spec)
+    if spec["type"] in EDM_TYPES:
+        from fewstep.models.edm_precond import build_edm_denoiser
+
+        return build_edm_denoiser(spec)
     kwargs = {k: spec[k] for k in _arch_params(ARCHS[spec["type"]])}
     try:
         net = ARCHS[spec["type"]](**kwargs)
@@ -165,8 +177,10 @@ def read_model_json(dir: str | Path) -> tuple[dict, dict]:
 def _refuse_pickles(dir: Path, what: str) -> None:
     pickles = sorted(p.name for p in dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
+        edm = " (an EDM network .pkl: pass the file itself)" if any(n.endswith(".pkl") for n in pickles) \
+            else ""
         raise ModelError(f"{dir} has only pickle weights ({', '.join(pickles)}) and no {what}; fewstep "
-                         "never unpickles: convert the weights to safetensors")
+                         f"never unpickles: convert the weights to safetensors{edm}")
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -209,14 +223,19 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
     """Any supported teacher -> (denoiser ``D(x, sigma, cond)`` in eval mode, meta).
 
     A fewstep model directory (``model.json``), a diffusers ``save_pretrained`` directory
-    (``model_index.json`` or ``config.json``), or their ``model.json`` / ``model.safetensors`` file.
-    Pickle files are refused.
+    (``model_index.json`` or ``config.json``), or their ``model.json`` / ``model.safetensors`` file, or
+    an NVlabs/edm / edm2 network snapshot ``.pkl`` (read as data, never executed). Other pickle files
+    are refused.
     """
     p = Path(path)
     if not p.exists():
-        raise ModelError(f"teacher path {p} does not exist; pass a fewstep teacher run directory or a "
-                         "diffusers directory")
+        raise ModelError(f"teacher path {p} does not exist; pass a fewstep teacher run directory, a "
+                         "diffusers directory or an EDM network .pkl")
     if p.is_file():
+        if p.suffix == ".pkl":
+            from fewstep.models.edm_pickle import load_edm_pickle
+
+            return load_edm_pickle(p)
         if p.suffix in PICKLE_SUFFIXES:
             raise ModelError(f"{p} is a pickle file; fewstep never unpickles: give a directory with "
                              "model.safetensors + model.json (or a diffusers safetensors directory)")

@@ -2,7 +2,8 @@
 
 Used by DMD2's GAN head and SiDA's discriminator (the fake network's bottleneck) and by
 Teacher-Feature Drifting (several teacher layers). Modules are addressed by dotted paths relative
-to the denoiser, e.g. ``net.blocks.1`` (MLP) or ``net.unet.mid_block`` (UNet2DModel).
+to the denoiser, e.g. ``net.blocks.1`` (MLP), ``net.unet.mid_block`` (UNet2DModel) or
+``model.enc.8x8_block3`` (EDM networks).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ def raw_unet(D: nn.Module):
     """The diffusers UNet2DModel inside one of our denoisers or an adapter, or None."""
     for path in ("net.unet", "unet", "G.net.unet", "G.unet"):
         try:
-            return D.get_submodule(path)
+            unet = D.get_submodule(path)
         except AttributeError:
             continue
+        if hasattr(unet, "mid_block"):  # EDM2 networks also call theirs "unet"
+            return unet
     return None
 
 
@@ -34,6 +37,37 @@ def mlp_blocks(D: nn.Module):
     return None
 
 
+def edm_encoder(D: nn.Module):
+    """The encoder ``ModuleDict`` of an EDM / EDM2 network (``model.enc`` / ``unet.enc``) inside one of
+    our EDM denoisers or a student around it, or None."""
+    for path in ("model.enc", "unet.enc", "G.model.enc", "G.unet.enc"):
+        try:
+            enc = D.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(enc, nn.ModuleDict) and len(enc):
+            return enc
+    return None
+
+
+def _main_path(enc: nn.ModuleDict) -> list[str]:
+    """Encoder entries on the main path (SongUNet's ``aux_*`` entries process the input pyramid)."""
+    return [name for name in enc if "aux" not in name]
+
+
+def edm_taps(D: nn.Module, tap_set: str = "mixed") -> list[str]:
+    """Feature taps of an EDM / EDM2 network: the last encoder block of every resolution ("mixed") or
+    only the lowest-resolution one ("deep"); [] for other networks."""
+    enc = edm_encoder(D)
+    if enc is None:
+        return []
+    pre, last = _prefix(D, enc), {}
+    for name in _main_path(enc):  # "{res}x{res}_...", in order from high to low resolution
+        last[name.split("_", 1)[0]] = name
+    taps = [f"{pre}.{name}" for name in last.values()]
+    return taps[-1:] if tap_set == "deep" else taps
+
+
 def _prefix(D: nn.Module, module: nn.Module) -> str:
     for name, m in D.named_modules():
         if m is module:
@@ -42,10 +76,14 @@ def _prefix(D: nn.Module, module: nn.Module) -> str:
 
 
 def bottleneck_path(D: nn.Module) -> str:
-    """The encoder output ("bottleneck") of a denoiser: UNet mid block or the MLP's middle layer."""
+    """The encoder output ("bottleneck") of a denoiser: UNet mid block, the last (lowest-resolution)
+    encoder block of an EDM / EDM2 network, or the MLP's middle layer."""
     unet = raw_unet(D)
     if unet is not None:
         return _prefix(D, unet) + ".mid_block"
+    enc = edm_encoder(D)
+    if enc is not None:
+        return f"{_prefix(D, enc)}.{_main_path(enc)[-1]}"
     blocks = mlp_blocks(D)
     if blocks is not None:
         return f"{_prefix(D, blocks)}.{(len(blocks) - 1) // 2}"

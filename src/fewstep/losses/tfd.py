@@ -29,7 +29,7 @@ from fewstep.losses.drift import (
     make_groups,
     stream_generator,
 )
-from fewstep.models.taps import capture, mlp_blocks, raw_unet, resolve_module
+from fewstep.models.taps import capture, edm_taps, mlp_blocks, raw_unet, resolve_module
 
 __all__ = ["DEFAULTS", "TFDConfig", "build", "default_taps", "pool_feature", "tap_features"]
 
@@ -77,8 +77,9 @@ def _path_of(D, module) -> str:
 
 
 def default_taps(D, tap_set: str = "mixed") -> list[str]:
-    """Tap paths for a teacher: UNet2DModel (spec B3 choice) or the MLP (every hidden block, B11);
-    [] if the teacher has neither (analytic teachers: raw coordinates only)."""
+    """Tap paths for a teacher: UNet2DModel (spec B3 choice), the MLP (every hidden block, B11) or an
+    EDM / EDM2 network (last encoder block per resolution); [] if none of these (analytic teachers:
+    raw coordinates only)."""
     unet = raw_unet(D)
     if unet is not None:
         pre, L = _path_of(D, unet), len(unet.down_blocks)
@@ -97,7 +98,7 @@ def default_taps(D, tap_set: str = "mixed") -> list[str]:
         pre = _path_of(D, blocks)
         last = len(blocks) - 1
         return [f"{pre}.{last}"] if tap_set == "deep" else [f"{pre}.{i}" for i in range(last + 1)]
-    return []
+    return edm_taps(D, tap_set)
 
 
 def pool_feature(h: torch.Tensor) -> torch.Tensor:

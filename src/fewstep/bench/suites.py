@@ -262,5 +262,27 @@ def tfd_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     return jobs
 
 
+# the dmd presets' settings that are not data-level (configs/distill_<data>_dmd.yaml): f-distill is
+# DMD2 plus a weight, so it runs with the settings of the dmd arm it is compared with
+_DMD_PRESET = {"ring8": ("student.init_sigma=1.0", "train.iters=15000"), "grid25": ("train.iters=10000",),
+               "digits8": ()}
+
+
+def fdistill_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """f-distill next to dmd (issue 15): mode-covering divergences (js, kl) vs reverse KL (dmd, and
+    dmd with the GAN head f-distill needs), 1 step, equal iterations and settings."""
+    jobs: list[Job] = []
+    for data in (*MIXTURES, "digits8"):
+        t = teacher_job(data)
+        jobs += [t, eval_job(t)]
+        same = _DMD_PRESET[data]
+        arms = [("dmd", "", ()), ("dmd", "gan", ("dmd.gan_gen_weight=0.01",))]
+        arms += [("fdistill", f, (*same, f"fdistill.f_div={f}")) for f in ("js", "kl")]
+        for s in _seeds_for(data, seeds, digits_seeds):
+            _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": ov}
+                                           for m, tag, ov in arms], repeats=_reps(data))
+    return jobs
+
+
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
-          "tfd": tfd_suite}
+          "tfd": tfd_suite, "fdistill": fdistill_suite}

@@ -95,3 +95,21 @@ def test_generator_step_leaves_critic_without_grad():
     out = dmd.DistributionMatching(dmd.DMDConfig())(nets, batch, GenOut(x=x, x_T=x))
     out.loss.mean().backward()
     assert nets.fake.mu.grad is None and nets.teacher.mu.grad is None and x.grad is not None
+
+
+def test_student_ema_clock_is_the_generator_update(monkeypatch):
+    """The student EMA's half-life ramp counts generator updates, not iterations (issue 20.1): with
+    dmd's ratio 5 the EMA sees update indices 0, 1, 2, ... at iterations 0, 5, 10, ..."""
+    from fewstep.train import phases
+    from fewstep.train.distill import train_iteration
+    from tests.helpers import tiny_run
+
+    seen = []
+    real = phases.ema_beta
+    monkeypatch.setattr(phases, "ema_beta", lambda k, h, r: seen.append(k) or real(k, h, r))
+    run = tiny_run("dmd", {"train": {"batch": 8, "iters": 20, "ema_halflife": 10.0}})
+    assert run.cfg.schedule.ratio == 5 and run.ema is not None
+    for _ in range(16):
+        train_iteration(run)
+    assert seen == [0, 1, 2, 3]  # iterations 0, 5, 10, 15
+    assert phases.generator_update_index(run.cfg.schedule, 15) == 3

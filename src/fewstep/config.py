@@ -106,7 +106,8 @@ class ScheduleConfig:
 class DistillTrainConfig(TrainConfig):
     iters: int = 2000
     batch: int = 256
-    ema_halflife: float = 0.0    # student EMA half-life in iterations (0 = none, as DMD2)
+    ema_halflife: float = 0.0    # student EMA half-life in generator updates (0 = none, as DMD2); its
+    #                              ramp-up (ema_rampup) also counts generator updates
     eval_n: int = 2500
 
 

@@ -8,7 +8,9 @@ from torch import nn
 
 def ema_beta(step: int, halflife: float, rampup: float | None = 0.05) -> float:
     """Decay for one update: ``0.5 ** (1 / halflife)``, with EDM's ramp-up
-    ``halflife <= rampup * step`` (both in iterations). ``halflife = 0`` means no averaging."""
+    ``halflife <= rampup * (step + 1)``; ``step`` is the 0-based index of the averaging update (the
+    teacher's iteration; the student's generator update) and ``halflife`` counts those updates.
+    ``halflife = 0`` means no averaging."""
     if halflife <= 0:
         return 0.0
     if rampup:

@@ -158,10 +158,17 @@ def generator_update(run, batches, log_norms: bool):
     return (gens[0] if single else gens), mean_logs(logs)
 
 
+def generator_update_index(schedule, step: int) -> int:
+    """0-based index of the generator update made at iteration ``step`` (``step % ratio ==
+    gen_offset``): the clock of the student's EMA."""
+    return (step - schedule.gen_offset) // schedule.ratio
+
+
 def _after_generator_step(run) -> None:
-    if run.ema is not None:
-        ema_update(run.ema, run.nets.student, ema_beta(run.step, run.cfg.train.ema_halflife,
-                                                       run.cfg.train.ema_rampup))
+    if run.ema is not None:  # half-life and ramp-up count generator updates, the EMA's own steps
+        k = generator_update_index(run.cfg.schedule, run.step)
+        t = run.cfg.train
+        ema_update(run.ema, run.nets.student, ema_beta(k, t.ema_halflife, t.ema_rampup))
     if run.nets.target is not None:
         ema_update(run.nets.target, run.nets.student, run.target_rate)
 

@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("teacher", help="train an EDM teacher on a data set")
+    p = sub.add_parser("teacher", help="train a teacher (EDM or rectified flow) on a data set")
     p.add_argument("--data", required=True, help="ring8 | grid25 | digits8 | path to data")
+    p.add_argument("--objective", choices=["edm", "flow"], help="EDM denoiser (default) or a rectified-"
+                   "flow velocity model (model.objective; flow times: model.flow_t)")
     _common_run_args(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a k-step student")
@@ -69,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or diffusers directory")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
-    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp"], default="heun",
-                   help="heun / euler (Karras grid) or dpmpp (diffusers DPM-Solver++ 2M)")
+    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp", "flow_euler"], default="heun",
+                   help="heun / euler (Karras grid), dpmpp (diffusers DPM-Solver++ 2M) or flow_euler "
+                        "(flow teachers: diffusers' flow-matching Euler from pure noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -79,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or diffusers directory")
     p.add_argument("--n", type=int, help="samples (default: 2500 mixtures, test-split size images)")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
-    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp"], default="heun",
-                   help="heun / euler (Karras grid) or dpmpp (diffusers DPM-Solver++ 2M)")
+    p.add_argument("--sampler", choices=["heun", "euler", "dpmpp", "flow_euler"], default="heun",
+                   help="heun / euler (Karras grid), dpmpp (diffusers DPM-Solver++ 2M) or flow_euler "
+                        "(flow teachers: diffusers' flow-matching Euler from pure noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")
@@ -142,7 +146,8 @@ _RUN_FLAGS = (("iters", "train.iters"), ("seed", "train.seed"), ("device", "trai
 def _resolve_teacher_config(args):
     from fewstep.recipe import teacher_config
 
-    return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, _RUN_FLAGS)], args.preset)
+    flags = _RUN_FLAGS + (("objective", "model.objective"),)
+    return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, flags)], args.preset)
 
 
 def _train(args, cfg, what: str) -> int:

@@ -40,6 +40,8 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (0.65 M params)
     layers_per_block: int = 1    # UNet resnets per block
     sigma_data: float = 0.5      # EDM sigma_data (data std the preconditioning assumes)
+    objective: str = "edm"       # edm (EDM denoiser) | flow (rectified-flow velocity, SD3 convention)
+    flow_t: str = "logit_normal"  # flow training times: logit_normal (SD3: sigmoid of N(0, 1)) | uniform
 
 
 @dataclass
@@ -342,7 +344,8 @@ _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block",
 _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup",
                  "eval_every", "ckpt_every", "micro_batch", "eps", "grad_clip_value", "init_sigma",
                  "time_budget_s", "gen_offset"}
-_CHOICES = {"model.type": {"auto", "mlp", "unet"}, "sample.sampler": {"heun", "euler"},
+_CHOICES = {"model.type": {"auto", "mlp", "unet"}, "model.objective": {"edm", "flow"},
+            "model.flow_t": {"logit_normal", "uniform"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}}
 
 

@@ -98,3 +98,24 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
                              "use --sampler euler for even NFE")
         return (nfe + 1) // 2
     return nfe
+
+
+def flow_times(steps: int, shift: float = 1.0, t_min: float = 0.0) -> torch.Tensor:
+    """Descending flow times ``[steps + 1]`` (float64) from 1 to ``t_min``, then 0: diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` grid ``linspace(1, t_min, steps)`` with the SD3 shift
+    ``t -> shift t / (1 + (shift - 1) t)``, then the final 0."""
+    t = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
+    t = shift * t / (1 + (shift - 1) * t)
+    return torch.cat([t, t.new_zeros(1)])
+
+
+@torch.no_grad()
+def sample_flow_euler(velocity, z: torch.Tensor, times: torch.Tensor, cond=None) -> torch.Tensor:
+    """Euler in flow time from pure noise: ``x_1 = z``, ``x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)``
+    with ``velocity(x_t [B, ...], t [B], cond) -> v`` (``v = eps - x0``); returns ``x_0``. One network
+    evaluation per step, starting where the EDM sigma is infinite."""
+    x = z.double()
+    for t, t_next in zip(times[:-1], times[1:]):
+        v = velocity(x.to(z.dtype), torch.full((len(x),), float(t), device=z.device, dtype=z.dtype), cond)
+        x = x + (float(t_next) - float(t)) * v.double()
+    return x

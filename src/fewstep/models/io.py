@@ -34,7 +34,7 @@ FORMAT, VERSION = "fewstep-model", 1
 ARCHS: dict[str, type[nn.Module]] = {"mlp": SigmaMLP, "unet": UNetRaw}
 # EDMPrecond fields stored in the spec; sigma_max None means +inf (JSON has no infinity)
 PRECOND_DEFAULTS = {"sigma_data": SIGMA_DATA, "sigma_min": 0.0, "sigma_max": None, "boundary": False,
-                    "boundary_sigma_min": SIGMA_MIN}
+                    "boundary_sigma_min": SIGMA_MIN, "objective": "edm"}  # objective: edm | flow
 
 
 def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
@@ -101,7 +101,7 @@ def build_denoiser(spec: dict) -> EDMPrecond:
     sigma_max = math.inf if spec["sigma_max"] is None else float(spec["sigma_max"])
     D = EDMPrecond(net, num_classes=int(spec.get("num_classes", 0)), sigma_data=float(spec["sigma_data"]),
                    sigma_min=float(spec["sigma_min"]), sigma_max=sigma_max, boundary=bool(spec["boundary"]),
-                   boundary_sigma_min=float(spec["boundary_sigma_min"]))
+                   boundary_sigma_min=float(spec["boundary_sigma_min"]), objective=str(spec["objective"]))
     D.spec = spec
     D.shape = (int(spec["dim"]),) if spec["type"] == "mlp" else tuple(int(s) for s in spec["shape"])
     return D

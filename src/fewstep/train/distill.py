@@ -313,4 +313,4 @@ def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: boo
             torch.manual_seed(derive_seed(cfg.train.seed, "build"))
             run = build_run(cfg, device)
         return run_training(env, device, out, to_dict(cfg), "student", run, cfg.train, evaluate,
-                            progress, desc=f"distill {cfg.method}")
+                            progress, desc=f"distill {cfg.method}", defaults=to_dict(DistillRunConfig()))

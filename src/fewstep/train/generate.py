@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from fewstep.core.sampling import SAMPLERS, karras_sigmas, sampler_nfe, steps_for_nfe
+from fewstep.core.sampling import (
+    SAMPLERS,
+    flow_times,
+    karras_sigmas,
+    sample_flow_euler,
+    sampler_nfe,
+    steps_for_nfe,
+)
 from fewstep.errors import FewstepError
 
 
@@ -70,6 +77,13 @@ class Generator:
                                    f"omit --nfe or pass --nfe {self.model.num_steps}")
             return self.model.sample(z, y, generator=torch.Generator().manual_seed(seed))
         nfe = nfe or self.default_nfe()
+        if sampler == "flow_euler":  # flow teachers: diffusers' flow Euler, from t = 1 (pure noise)
+            if not callable(getattr(self.model, "velocity", None)) or \
+                    getattr(self.model, "objective", "flow") != "flow":
+                raise FewstepError("--sampler flow_euler needs a flow teacher (fewstep teacher "
+                                   "--objective flow, or a diffusers flow-matching model)")
+            times = flow_times(nfe, float(getattr(self.model, "shift", 1.0))).to(z.device)
+            return sample_flow_euler(self.model.velocity, z, times, y)
         if sampler == "dpmpp":
             from fewstep.train.dpm import sample_dpmpp
 
@@ -83,7 +97,7 @@ class Generator:
     def nfe(self, nfe: int | None, sampler: str) -> int:
         if self.role == "student":
             return self.model.num_steps
-        if sampler == "dpmpp":
+        if sampler in ("dpmpp", "flow_euler"):
             return nfe or self.default_nfe()
         return sampler_nfe(sampler, steps_for_nfe(sampler, nfe or self.default_nfe()))
 

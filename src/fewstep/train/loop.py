@@ -51,15 +51,17 @@ def lr_at(o, step: int) -> float:
 
 
 def run_training(env, device, out: Path, config: dict, role: str, trainee: Trainee, train_cfg,
-                 evaluate=None, progress: bool = True, desc: str = "train") -> Path:
+                 evaluate=None, progress: bool = True, desc: str = "train",
+                 defaults: dict | None = None) -> Path:
     """Train ``trainee`` into run directory ``out`` (or resume it, or return at once if it is done).
 
     ``config`` is the resolved config as a dict (recorded, and compared on resume); ``role`` is
     "teacher" or "student"; ``evaluate(model, step) -> dict`` runs every ``train.eval_every``
-    iterations and at the end."""
+    iterations and at the end; ``defaults`` (the config class's defaults as a dict) lets a run made
+    before a setting existed resume or count as done while that setting keeps its default."""
     out = Path(out)
     existed = out.exists()
-    status = run_dir_status(env, out, config, role)
+    status = run_dir_status(env, out, config, role, defaults)
     if status == "done":
         return out
     with discard_unstarted_run(out, existed, enabled=env.is_main and status == "new"):

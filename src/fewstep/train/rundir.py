@@ -37,9 +37,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ. A key the old config lacks (a setting added to fewstep after that
+    run was made) is no difference while the new value is that setting's default: new settings
+    default to the old behaviour."""
+    a, b, d = _flatten(old), _flatten(new), _flatten(defaults or {})
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)
+                  and not (k not in a and k in d and b.get(k) == d[k]))
 
 
 def ensure_writable_dir(path: Path) -> None:
@@ -65,7 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise FewstepError(f"could not write {path} ({e.strerror or e})") from None
 
 
-def check_run_dir(out: Path, config: dict) -> str:
+def check_run_dir(out: Path, config: dict, defaults: dict | None = None) -> str:
     """Check ``out`` against ``config`` without writing. Returns ``"new"``, ``"resume"`` or ``"done"``.
 
     ``"done"`` means a finished run with the same config and at least as many iterations."""
@@ -79,7 +83,7 @@ def check_run_dir(out: Path, config: dict) -> str:
         except (OSError, yaml.YAMLError) as e:
             raise FewstepError(f"{cfg_path} is unreadable ({str(e).splitlines()[0]}); restore it or choose "
                                "another --out") from None
-        diff = config_differences(old if isinstance(old, dict) else {}, config)
+        diff = config_differences(old if isinstance(old, dict) else {}, config, defaults)
         if diff:
             raise FewstepError(f"{out} holds a run with a different config ({', '.join(diff[:3])}); "
                                "choose another --out, or repeat the original settings to resume")
@@ -101,12 +105,12 @@ def record_config(out: Path, config: dict) -> None:
     atomic_write_text(Path(out) / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
-def run_dir_status(env, out: Path, config: dict, what: str) -> str:
+def run_dir_status(env, out: Path, config: dict, what: str, defaults: dict | None = None) -> str:
     """:func:`check_run_dir` on rank 0, shared with every rank (``env`` from ``dist.session``); a
     finished run is announced once, as the finished ``what``."""
     from fewstep.train import dist
 
-    status = dist.on_main(check_run_dir, out, config)
+    status = dist.on_main(check_run_dir, out, config, defaults)
     if status == "done" and env.is_main:
         print(f"{out} already holds the finished {what}; nothing to do")
     return status

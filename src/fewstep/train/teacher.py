@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fewstep.config import TeacherRunConfig, to_dict
-from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss
+from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss, flow_matching_loss
 from fewstep.data import Dataset, load_dataset
 from fewstep.errors import ConfigError
 from fewstep.models.io import build_denoiser, save_model
@@ -47,10 +47,11 @@ def model_spec(cfg: TeacherRunConfig, data: Dataset) -> dict:
                               "model.type=unet (or auto)")
         return {"type": "mlp", "dim": data.shape[0], "hidden": cfg.model.hidden,
                 "depth": cfg.model.depth, "emb_dim": cfg.model.emb_dim,
-                "num_classes": data.num_classes, "sigma_data": cfg.model.sigma_data}
+                "num_classes": data.num_classes, "sigma_data": cfg.model.sigma_data,
+                "objective": cfg.model.objective}
     return {"type": "unet", "shape": list(data.shape), "block_out_channels": cfg.model.channels,
             "layers_per_block": cfg.model.layers_per_block, "num_classes": data.num_classes,
-            "sigma_data": cfg.model.sigma_data}
+            "sigma_data": cfg.model.sigma_data, "objective": cfg.model.objective}
 
 
 def edm_loss(D, x: torch.Tensor, cond, rnd: StepRandom, sigma_data: float) -> torch.Tensor:
@@ -58,6 +59,17 @@ def edm_loss(D, x: torch.Tensor, cond, rnd: StepRandom, sigma_data: float) -> to
     drawn from ``rnd`` (the one loss of ``core.precond.edm_denoising_loss``)."""
     sigma = (P_MEAN + P_STD * rnd.randn("sigma")).exp()
     return edm_denoising_loss(D, x, sigma, rnd.randn("noise", *x.shape[1:]), cond, sigma_data)
+
+
+FLOW_T_RANGE = (1e-4, 1 - 1e-4)  # t = 1 has no EDM sigma; 1 - 1e-4 is sigma ~ 1e4
+
+
+def flow_loss(D, x: torch.Tensor, cond, rnd: StepRandom, flow_t: str = "logit_normal") -> torch.Tensor:
+    """Rectified-flow loss per sample ``[B]`` (SD3): ``t = sigmoid(N(0, 1))`` (logit-normal) or
+    ``U(0, 1)``, clipped to ``FLOW_T_RANGE``, and the noise drawn from ``rnd``."""
+    u = rnd.randn("flow_t").sigmoid() if flow_t == "logit_normal" else rnd.rand("flow_t")
+    t = u.double().clamp(*FLOW_T_RANGE).to(x.dtype)
+    return flow_matching_loss(D, x, t, rnd.randn("noise", *x.shape[1:]), cond)
 
 
 @dataclass
@@ -129,7 +141,10 @@ def _micro_loss(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, lo: i
     x, y = data.train_batch(cfg.train.batch, rnd.generator("data"))
     x = x[lo:hi].to(device)
     y = y[lo:hi].to(device) if (y is not None and data.num_classes) else None
-    return edm_loss(state.model or state.net, x, y, rnd, cfg.model.sigma_data).mean()
+    D = state.model or state.net
+    if cfg.model.objective == "flow":
+        return flow_loss(D, x, y, rnd, cfg.model.flow_t).mean()
+    return edm_loss(D, x, y, rnd, cfg.model.sigma_data).mean()
 
 
 def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, device) -> float:
@@ -180,4 +195,4 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
                              make_optimizer(net.parameters(), cfg.optim),
                              dist.shard(env, cfg.train.batch, cfg.train.micro_batch), cfg, data, spec, device)
         return run_training(env, device, out, to_dict(cfg), "teacher", state, cfg.train, evaluate,
-                            progress, desc="teacher")
+                            progress, desc="teacher", defaults=to_dict(TeacherRunConfig()))

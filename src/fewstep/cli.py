@@ -43,6 +43,24 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.batch=256 optim.lr=2e-4")
 
 
+def _foreign_args(p: argparse.ArgumentParser) -> None:
+    """Options for diffusers teachers (docs/bring-your-model.md)."""
+    p.add_argument("--scheduler", metavar="DIR_OR_JSON",
+                   help="diffusers scheduler config for a bare UNet directory (scheduler_config.json "
+                        "or the directory holding it)")
+    p.add_argument("--null-class", default="last", metavar="N|last|none",
+                   help="unconditional class index of a class-conditional diffusers UNet "
+                        "(default: the last embedding; none: every embedding is a class)")
+
+
+def _foreign(args):
+    """The context in which diffusers teachers load with --scheduler / --null-class."""
+    from fewstep.models.adapters import parse_null_class, teacher_options
+
+    return teacher_options(getattr(args, "scheduler", None),
+                           parse_null_class(getattr(args, "null_class", "last")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fewstep", description="Distil a diffusion teacher into a 1-4 step "
                      "student with diversity-preserving objectives.",
@@ -61,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="student steps k (student.steps)")
     p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
+    p.add_argument("--data", help="training data (default: the teacher's recorded data; = data.name)")
+    _foreign_args(p)
     _common_run_args(p)
 
     p = sub.add_parser("sample", help="draw samples from a teacher or student")
@@ -72,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--data", help="data set whose modes a 2-D scatter shows (default: the model's)")
+    _foreign_args(p)
 
     p = sub.add_parser("eval", help="metrics of a teacher (at any NFE) or a student")
     p.add_argument("model", help="run directory or diffusers directory")
@@ -86,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average over this many generated sets (reports <metric>_std too)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _foreign_args(p)
 
     p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
     p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd")
@@ -211,7 +234,22 @@ def _resolve_distill_config(args):
 
 
 def cmd_distill(args) -> int:
-    return _train(args, _resolve_distill_config(args), "student")
+    with _foreign(args):
+        cfg = _resolve_distill_config(args)
+        cfg.data.name = args.data or cfg.data.name or _recorded_teacher_data(args.teacher)
+        return _train(args, cfg, "student")
+
+
+def _recorded_teacher_data(teacher: str) -> str:
+    """The teacher's user data file (checked: it exists and is unchanged), else '' (built-in data
+    and foreign teachers resolve as before)."""
+    from fewstep.data.provenance import recorded_data
+    from fewstep.models.io import MODEL_JSON, read_model_json
+
+    if not (Path(teacher) / MODEL_JSON).is_file():
+        return ""
+    data = read_model_json(teacher)[1].get("data") or {}
+    return recorded_data(data, teacher) if data.get("path") else ""
 
 
 def cmd_sample(args) -> int:
@@ -224,7 +262,10 @@ def cmd_sample(args) -> int:
     if args.n <= 0:
         raise FewstepError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
-    gen = load_generator(args.model, device)
+    with _foreign(args):
+        gen = load_generator(args.model, device)
+    if args.data:
+        gen.meta = {**gen.meta, "data": {**gen.meta.get("data", {}), "name": args.data, "path": None}}
     x, y = gen.sample(args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, device=device)
     from fewstep.report.pictures import save_samples
 
@@ -236,9 +277,10 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from fewstep.train.evaluate import evaluate_model, format_table
 
-    metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
-                             seed=args.seed, data=args.data, fid=args.fid, device=args.device,
-                             repeats=args.repeats)
+    with _foreign(args):
+        metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
+                                 seed=args.seed, data=args.data, fid=args.fid, device=args.device,
+                                 repeats=args.repeats)
     print(format_table(metrics))
     if args.json:
         from fewstep.train.rundir import atomic_write_text

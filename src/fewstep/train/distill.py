@@ -290,12 +290,14 @@ def _setup_methods(run: Run) -> None:
 
 def student_meta(run: Run) -> dict:
     """What model.json records about a student (rebuilds the k-step sampler around G)."""
+    from fewstep.data.provenance import source_record
+
     s, cfg = run.nets.student, run.cfg
     return {"role": "student", "steps": s.num_steps, "sigmas": s.sigmas.tolist(),
             "renoise": s.renoise, "method": cfg.method, "extras": dict(cfg.extras),
             "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
             "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
-                     "num_classes": run.data.num_classes}}
+                     "num_classes": run.data.num_classes, **source_record(run.data.path)}}
 
 
 def export_model(run: Run, out: Path) -> None:

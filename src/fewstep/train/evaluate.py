@@ -17,6 +17,7 @@ import torch
 
 from fewstep import metrics as M
 from fewstep.data import Dataset, load_dataset
+from fewstep.data.provenance import recorded_data
 from fewstep.errors import FewstepError
 from fewstep.train.rng import generator
 
@@ -169,7 +170,7 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
 
     device = resolve_device(device)
     gen = load_generator(path, device)
-    data_name = data or gen.meta.get("data", {}).get("name")
+    data_name = recorded_data(gen.meta.get("data"), path, override=data)
     if not data_name:
         raise FewstepError("this model does not record its data set; pass --data NAME|PATH")
     dataset = load_dataset(data_name, conditional=gen.num_classes > 0)
@@ -301,7 +302,7 @@ def _data_name(cfg) -> str:
         return cfg.data.name
     from fewstep.models.io import read_model_json
 
-    name = read_model_json(cfg.teacher)[1].get("data", {}).get("name")
+    name = recorded_data(read_model_json(cfg.teacher)[1].get("data"), cfg.teacher)
     if not name:
         raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
     return name

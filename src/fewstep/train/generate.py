@@ -96,8 +96,11 @@ def _sigma_range(model) -> tuple[float, float]:
 
 
 def teacher_sigmas(model, steps: int) -> torch.Tensor:
-    """The Karras grid over the model's sigma range, ending in 0."""
+    """The Karras grid over the model's sigma range, ending in 0; a model with its own grid (a
+    diffusers flow teacher: its scheduler's shifted grid) uses that."""
     lo, hi = _sigma_range(model)
+    if hasattr(model, "sampling_sigmas"):
+        return model.sampling_sigmas(steps, sigma_max=hi)
     return karras_sigmas(steps, sigma_min=lo, sigma_max=hi)
 
 

@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     _foreign_args(p)
 
     p = sub.add_parser("eval", help="metrics of a teacher (at any NFE) or a student")
-    p.add_argument("model", help="run directory or diffusers directory")
+    p.add_argument("model", nargs="?", help="run directory or diffusers directory (or use --samples)")
+    p.add_argument("--samples", metavar="FILE",
+                   help="evaluate samples made by any tool instead of a model: .npz/.npy (NCHW in [-1, 1], "
+                        "NHWC in [0, 1] or uint8, [N, D] vectors) or an image folder; needs --data")
     p.add_argument("--n", type=int, help="samples (default: 2500 mixtures, test-split size images)")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
     p.add_argument("--sampler", choices=["heun", "euler", "dpmpp"], default="heun",
@@ -274,13 +277,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval_samples(args) -> dict:
+    """``eval --samples FILE --data D`` (no model: sampling flags do not apply)."""
+    from fewstep.train.evaluate import evaluate_samples
+
+    if args.model:
+        raise FewstepError("give a model or --samples FILE, not both")
+    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid)
+
+
 def cmd_eval(args) -> int:
-    from fewstep.train.evaluate import evaluate_model, format_table
+    from fewstep.train.evaluate import evaluate_model
+
+    if args.samples or not args.model:
+        if not args.samples:
+            raise FewstepError("eval needs a model directory or --samples FILE --data D")
+        return _print_metrics(args, cmd_eval_samples(args))
 
     with _foreign(args):
         metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
                                  seed=args.seed, data=args.data, fid=args.fid, device=args.device,
                                  repeats=args.repeats)
+    return _print_metrics(args, metrics)
+
+
+def _print_metrics(args, metrics: dict) -> int:
+    from fewstep.train.evaluate import format_table
+
     print(format_table(metrics))
     if args.json:
         from fewstep.train.rundir import atomic_write_text

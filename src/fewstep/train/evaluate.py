@@ -202,6 +202,29 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
     return out
 
 
+def evaluate_samples(path, data: str, n: int | None = None, fid: bool = False) -> dict:
+    """``fewstep eval --samples FILE --data D``: the same metrics and floors for samples made by any
+    tool (formats: ``fewstep.data.samples``); ``n`` keeps the first n samples."""
+    from fewstep.data.samples import read_samples
+
+    if not data:
+        raise FewstepError("--samples needs --data NAME|PATH: the data set to compare the samples with")
+    dataset = load_dataset(data)
+    x, y = read_samples(path, tuple(dataset.shape))
+    if n is not None:
+        if n < 2 or n > len(x):
+            raise FewstepError(f"--n {n}: the samples file holds {len(x)}; pick 2..{len(x)}")
+        x, y = x[:n], None if y is None else y[:n]
+    space = metric_space(dataset)
+    t0 = time.perf_counter()
+    out = score_samples(space, x, y)
+    out["eval_s"] = round(time.perf_counter() - t0, 3)
+    if fid:
+        out.update(fid_metrics(space, x))
+    out.update({"metric_space": space.name, "data": data, "model": str(path), "source": "samples"})
+    return out
+
+
 def average_runs(runs: list[dict]) -> dict:
     """Mean of each metric over repeated generated sets, with ``<metric>_std`` (floors are equal)."""
     if len(runs) == 1:

@@ -41,7 +41,8 @@ def test_fewstep_sample_file_matches_eval_of_the_model(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                        norm_num_groups=4, layers_per_block=1, add_attention=False,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
     unet.save_pretrained(tmp_path / "t")
     DDPMScheduler().save_config(tmp_path / "t")
     s = tmp_path / "s.npz"

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _foreign_args(p)
 
+    p = sub.add_parser("export", help="write a distilled student in another format (diffusers pipeline)")
+    p.add_argument("model", help="student run directory")
+    p.add_argument("--format", required=True, choices=["diffusers"],
+                   help="diffusers: a DiffusionPipeline.from_pretrained directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+
     p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
     p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd")
     p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
@@ -312,6 +318,18 @@ def _print_metrics(args, metrics: dict) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fewstep.models.export_diffusers import export_diffusers
+
+    record = export_diffusers(args.model, args.out)
+    exact = "exactly" if record["pipeline_is_exact"] else "(see notes)"
+    print(f"{record['steps']}-step student written to {args.out} as a {record['pipeline']} with "
+          f"{record['scheduler']}; {record['usage']} samples it {exact}")
+    for note in record["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from fewstep.bench.report import write_bench_report
     from fewstep.bench.runner import run_jobs
@@ -400,7 +418,7 @@ def cmd_featnet(args) -> int:
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
             "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "export": cmd_export}
 
 
 def _set_threads() -> None:

@@ -67,7 +67,8 @@ def test_ddim_student_pipeline_equals_fewstep(v_teacher, tmp_path, steps):
     assert rec["scheduler"] == "EulerDiscreteScheduler" and rec["pipeline_is_exact"]
     pipe = _pipe(tmp_path / "e")
     assert type(pipe).__name__ == "ConsistencyModelPipeline"
-    assert type(pipe.unet).__name__ == "UNet2DModel" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert type(pipe.unet).__name__ == "UNet2DModel"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     G, student, meta = _student(run)
     k = int(steps)
     z, ours = student_on_diffusers_noise(student, (6, 1, 8, 8), None, seed=3)

@@ -188,11 +188,13 @@ def _flow_teacher(root, shift=3.0, cls="FlowMatchEulerDiscreteScheduler"):
     return _save_split(root, unet, sched), sched
 
 
-def test_flow_grid_honours_shift(tmp_path):
+@pytest.mark.parametrize("cls", ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                                 "FlowMatchLCMScheduler"])
+def test_flow_grid_honours_shift(tmp_path, cls):
     """The flow teacher samples on its scheduler's grid, as EDM sigmas s/(1-s) with the s = 1 point
     clamped to 80: s = shift u / (1 + (shift - 1) u) (SD3 eq. 23) of u spaced linearly from 1 down to the
     training table's smallest (already shifted) time shift(1/T), as diffusers' set_timesteps does."""
-    root, _ = _flow_teacher(tmp_path / "f", shift=3.0)
+    root, _ = _flow_teacher(tmp_path / "f", shift=3.0, cls=cls)
     D = load_diffusers_teacher(root)
     assert isinstance(D, DiffusersFlowDenoiser) and D.prediction_type == "flow_prediction"
 

@@ -174,6 +174,13 @@ def test_refusals(own_teacher, v_teacher, tmp_path, capsys):
     for run, match in cases:
         assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "x")]) == 2
         assert match in capsys.readouterr().err
+    from tests.helpers import save_tiny_teacher
+
+    mlp = tmp_path / "mlp"
+    assert main(["distill", "--teacher", str(save_tiny_teacher(tmp_path / "mt")), "--method", "dmd",
+                 "--out", str(mlp), *DISTILL, "train.eval_n=16", "train.eval_every=0"]) == 0
+    assert main(["export", str(mlp), "--format", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    assert "network (SigmaMLP) has no diffusers UNet2DModel form" in capsys.readouterr().err
     good = _distill(v_teacher, tmp_path / "ok", "1")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")

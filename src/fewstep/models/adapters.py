@@ -252,14 +252,17 @@ class DiffusersFlowDenoiser(_UNetAdapter):
 
 def flow_schedule(config: dict, steps: int) -> torch.Tensor:
     """The physical flow times ``s`` (float64, descending, ending in 0) that diffusers' own scheduler
-    visits in ``steps`` steps: built by the scheduler class itself, so ``shift``, dynamic shifting
-    (``mu = ln shift``), Karras/exponential/beta spacing and ``shift_terminal`` are all honoured."""
+    visits in ``steps`` steps: built by diffusers itself, so ``shift``, dynamic shifting (``mu = ln
+    shift``), Karras/exponential/beta spacing and ``shift_terminal`` are all honoured. The FlowMatch
+    family shares FlowMatchEulerDiscreteScheduler's grid (Heun interleaves its points, LCM re-noises on
+    them); multistep solvers with use_flow_sigmas use their own class."""
     import diffusers
 
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    name = config.get("_class_name", "")
+    cls = diffusers.FlowMatchEulerDiscreteScheduler if name in FLOW_MATCH else getattr(diffusers, name, None)
     if cls is None:
-        raise ModelError(f"diffusers has no scheduler {config.get('_class_name')!r}; upgrade diffusers")
-    sched = cls.from_config(config)
+        raise ModelError(f"diffusers has no scheduler {name!r}; upgrade diffusers")
+    sched = _from_config(cls, config)
     kwargs = {"mu": math.log(float(config.get("shift", 1.0)))} if config.get("use_dynamic_shifting") else {}
     sched.set_timesteps(steps, **kwargs)
     s = torch.as_tensor(sched.sigmas).double().flatten()

@@ -241,8 +241,10 @@ def plan_export(G, sigmas: list[float], renoise: str) -> Plan:
     if isinstance(G, DiffusersFlowDenoiser):
         raise ModelError("students of flow-matching teachers are not exported to diffusers yet: no "
                          "flow scheduler starts from sigma_0 z (see docs/bring-your-model.md)")
-    raise ModelError("only image students (of a diffusers UNet2DModel teacher or a fewstep UNet teacher) "
-                     "can be exported as diffusers pipelines; this student is a vector model")
+    net = type(getattr(G, "net", G)).__name__
+    raise ModelError(f"this student's network ({net}) has no diffusers UNet2DModel form; export "
+                     "--format diffusers takes students of diffusers UNet2DModel teachers and of fewstep "
+                     "UNet teachers")
 
 
 # --- sampling the export --------------------------------------------------------------------------------

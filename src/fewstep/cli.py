@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   fewstep distill --teacher runs/t --method dmd --extra dp=0.05 --steps 4 --out runs/s4
   fewstep eval runs/s --json metrics.json        fewstep sample runs/s --n 2000 --out s.png
   fewstep bench --suite quick --out runs/bench   torchrun --nproc_per_node 2 -m fewstep distill ...
+  fewstep export runs/s --format diffusers --out pipe   fewstep eval --samples imgs.npz --data digits8
 Every config key can be overridden as key=value after the options; --dry-run prints them all."""
 
 

@@ -9,14 +9,15 @@ Which diffusers classes reproduce that (docs/bring-your-model.md, "Students out"
   that draws ``z * scheduler.init_noise_sigma``, calls ``scale_model_input`` and passes class labels
   (``DDPMPipeline`` starts from unscaled noise and has no labels);
 * students of diffusers DDPM-family teachers, ``ddim``: ``EulerDiscreteScheduler`` (k-diffusion Euler is
-  exactly the ddim move; ``init_noise_sigma = sigma_0`` with trailing spacing). Its training table is
-  the student's k levels (``trained_betas``), so ``set_timesteps(k)`` lands on them; the pipeline then
-  feeds the UNet timesteps ``k-1..0`` instead of the teacher's fractional ``t(sigma_i)``, so the first
-  layer of the UNet's time MLP is re-fitted to map the new timesteps' embeddings to the old ones (exact
-  at the k timesteps, see :func:`refit_time_embedding`);
+  exactly the ddim move; ``init_noise_sigma = sigma_0`` with linspace/trailing spacing). Its training
+  table (``trained_betas``, :func:`level_table`) holds the student's k levels at the slots
+  ``set_timesteps(k)`` visits; the pipeline then feeds the UNet those slot indices instead of the
+  teacher's fractional ``t(sigma_i)``, so the first layer of the UNet's time MLP is re-fitted to map the
+  new timesteps' embeddings to the old ones (exact at the k timesteps, :func:`refit_time_embedding`);
 * students of diffusers DDPM-family teachers, ``fresh``: ``LCMScheduler`` (DMD2's choice) re-noises
-  ``sqrt(abar') x0 + sqrt(1 - abar') eps`` = fresh in VP units, on a (k+1)-entry table whose
-  ``set_timesteps(k)`` gives ``k..1``. No diffusers scheduler with fresh re-noising starts from
+  ``sqrt(abar') x0 + sqrt(1 - abar') eps`` = fresh in VP units, on a table built the same way (its
+  visited slots are never 0, where LCM's boundary scalings return the input). No diffusers scheduler
+  with fresh re-noising starts from
   ``sigma_0 z``: LCM starts from unit-variance noise, the DDPM convention, i.e. ``x_T = sqrt(1 +
   sigma_0^2) z``. ``pipe(num_inference_steps=k)`` is therefore the student's chain from a start a factor
   ``sqrt(1 + 1/sigma_0^2)`` larger; :func:`sample_exported` is the exact few lines;
@@ -143,7 +144,6 @@ def _ddpm_plan(G, sigmas: list[float], renoise: str) -> Plan:
     unet = _first_channels(_plain_unet_copy(G.unet), G.shape[0])
     # the time the student's UNet saw: the Student hands G float32 sigmas (x's dtype)
     t_old = sigma_to_t(torch.tensor(sigmas, dtype=torch.float32).double(), G.sigma_table).float()
-    common = {"prediction_type": G.prediction_type, "clip_sample": False}
     if renoise == "ddim":
         # linspace spacing visits slots 0, m, 2m, ... (init_noise_sigma = sigma_0 as for trailing);
         # one level has no gap to ramp over, so it sits at the top of a halving ramp instead
@@ -163,7 +163,8 @@ def _ddpm_plan(G, sigmas: list[float], renoise: str) -> Plan:
         size, slots = k * RAMP, [(i + 1) * RAMP - 1 for i in range(k)]
         sched = LCMScheduler(num_train_timesteps=size, original_inference_steps=k,
                              trained_betas=betas_for_levels(level_table(ascending, slots, size)),
-                             timestep_scaling=LCM_TIMESTEP_SCALING, **common)
+                             timestep_scaling=LCM_TIMESTEP_SCALING, prediction_type=G.prediction_type,
+                             clip_sample=False)
         sched.set_timesteps(k)
         abar = sched.alphas_cumprod.double()[sched.timesteps]
         _check_levels(((1 - abar) / abar).sqrt(), sigmas, "LCMScheduler")
@@ -173,7 +174,7 @@ def _ddpm_plan(G, sigmas: list[float], renoise: str) -> Plan:
                  f"{math.sqrt(1 + sigmas[0] ** -2):.8f} on the first input; fewstep.models.export_diffusers."
                  "sample_exported samples the student exactly"]
     residual = refit_time_embedding(unet, torch.as_tensor(sched.timesteps).float(), t_old)
-    if residual > 1e-5:
+    if not residual <= 1e-5:  # also NaN (e.g. a log-Fourier time embedding at timestep 0)
         raise ModelError(f"re-fitting the UNet's time embedding to {k} timesteps left a relative residual "
                          f"{residual:.2g}; the UNet's first channel count is too small for {k} levels")
     return Plan(unet, sched, kind, exact, notes)

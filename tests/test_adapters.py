@@ -185,8 +185,14 @@ def test_class_conditional_unet(gen):
         torch.testing.assert_close(D(x, sigma, cond), x - append_dims(sigma, 4) * eps)
         with pytest.raises(ModelError, match="class labels"):
             D(x, sigma, None)
-        D.null_class = 1
-        torch.testing.assert_close(D(x, sigma, torch.tensor([-1, -1])), D(x, sigma, torch.tensor([1, 1])))
+        D.null_class = 1  # index 1 is unconditional: fewstep's labels 0, 1 feed indices 0, 2
+        assert D.num_classes == 2
+        null = x - append_dims(sigma, 4) * unet(x / append_dims((sigma**2 + 1).sqrt(), 4), t,
+                                                 class_labels=torch.tensor([1, 1])).sample
+        torch.testing.assert_close(D(x, sigma, torch.tensor([-1, -1])), null)
+        ref = x - append_dims(sigma, 4) * unet(x / append_dims((sigma**2 + 1).sqrt(), 4), t,
+                                                class_labels=torch.tensor([2, 0])).sample
+        torch.testing.assert_close(D(x, sigma, torch.tensor([1, 0])), ref)
 
 
 def test_quantize_feeds_integer_timesteps(gen):
@@ -234,7 +240,7 @@ def test_load_errors(tmp_path, saved):
 @pytest.mark.parametrize("edit,match", [
     ({"prediction_type": "flow"}, "unsupported prediction_type"),
     ({"beta_schedule": "cubic"}, "unsupported scheduler config"),
-    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "FlowDenoiser"),
+    ({"_class_name": "ScoreSdeVeScheduler"}, "unsupported scheduler 'ScoreSdeVeScheduler'"),
 ])
 def test_scheduler_errors(tmp_path, saved, edit, match):
     d = _save(tmp_path / "m", _tiny_unet(), _scheduler())

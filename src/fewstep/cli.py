@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   fewstep distill --teacher runs/t --method dmd --extra dp=0.05 --steps 4 --out runs/s4
   fewstep eval runs/s --json metrics.json        fewstep sample runs/s --n 2000 --out s.png
   fewstep bench --suite quick --out runs/bench   torchrun --nproc_per_node 2 -m fewstep distill ...
+  fewstep export runs/s --format diffusers --out pipe   fewstep eval --samples imgs.npz --data digits8
 Every config key can be overridden as key=value after the options; --dry-run prints them all."""
 
 
@@ -41,6 +42,24 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.batch=256 optim.lr=2e-4")
+
+
+def _foreign_args(p: argparse.ArgumentParser) -> None:
+    """Options for diffusers teachers (docs/bring-your-model.md)."""
+    p.add_argument("--scheduler", metavar="DIR_OR_JSON",
+                   help="diffusers scheduler config for a bare UNet directory (scheduler_config.json "
+                        "or the directory holding it)")
+    p.add_argument("--null-class", default="last", metavar="N|last|none",
+                   help="unconditional class index of a class-conditional diffusers UNet "
+                        "(default: the last embedding; none: every embedding is a class)")
+
+
+def _foreign(args):
+    """The context in which diffusers teachers load with --scheduler / --null-class."""
+    from fewstep.models.adapters import parse_null_class, teacher_options
+
+    return teacher_options(getattr(args, "scheduler", None),
+                           parse_null_class(getattr(args, "null_class", "last")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="student steps k (student.steps)")
     p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
+    p.add_argument("--data", help="training data (default: the teacher's recorded data; = data.name)")
+    _foreign_args(p)
     _common_run_args(p)
 
     p = sub.add_parser("sample", help="draw samples from a teacher or student")
@@ -77,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--data", help="data set whose modes a 2-D scatter shows (default: the model's)")
+    _foreign_args(p)
 
     p = sub.add_parser("eval", help="metrics of a teacher (at any NFE) or a student")
-    p.add_argument("model", help="run directory or diffusers directory")
+    p.add_argument("model", nargs="?", help="run directory or diffusers directory (or use --samples)")
+    p.add_argument("--samples", metavar="FILE",
+                   help="evaluate samples made by any tool instead of a model: .npz/.npy (NCHW in [-1, 1], "
+                        "NHWC in [0, 1] or uint8, [N, D] vectors) or an image folder; needs --data")
     p.add_argument("--n", type=int, help="samples (default: 2500 mixtures, test-split size images)")
     p.add_argument("--nfe", type=int, help="network evaluations (teachers; default: model's)")
     p.add_argument("--sampler", choices=["heun", "euler", "dpmpp", "flow_euler"], default="heun",
@@ -92,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average over this many generated sets (reports <metric>_std too)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _foreign_args(p)
+
+    p = sub.add_parser("export", help="write a distilled student in another format (diffusers pipeline)")
+    p.add_argument("model", help="student run directory")
+    p.add_argument("--format", required=True, choices=["diffusers"],
+                   help="diffusers: a DiffusionPipeline.from_pretrained directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
 
     p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
     p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd")
@@ -195,28 +228,78 @@ def _resolve_distill_config(args):
 
 
 def cmd_distill(args) -> int:
-    return _train(args, _resolve_distill_config(args), "student")
+    with _foreign(args):
+        cfg = _resolve_distill_config(args)
+        cfg.data.name = args.data or cfg.data.name or _recorded_teacher_data(args.teacher)
+        return _train(args, cfg, "student")
+
+
+def _recorded_teacher_data(teacher: str) -> str:
+    """The teacher's user data file (checked: it exists and is unchanged), else '' (built-in data
+    and foreign teachers resolve as before)."""
+    from fewstep.data.provenance import recorded_data
+    from fewstep.models.io import MODEL_JSON, read_model_json
+
+    if not (Path(teacher) / MODEL_JSON).is_file():
+        return ""
+    data = read_model_json(teacher)[1].get("data") or {}
+    return recorded_data(data, teacher) if data.get("path") else ""
 
 
 def cmd_sample(args) -> int:
     from fewstep.train.generate import sample_to_file
 
-    nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed, args.device)
+    with _foreign(args):  # --scheduler / --null-class reach the loader
+        nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed,
+                             args.device, data=args.data)
     print(f"{args.n} samples ({nfe} NFE) written to {args.out}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from fewstep.train.evaluate import evaluate_model, format_table
+def cmd_eval_samples(args) -> dict:
+    """``eval --samples FILE --data D`` (no model: sampling flags do not apply)."""
+    from fewstep.train.evaluate import evaluate_samples
 
-    metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
-                             seed=args.seed, data=args.data, fid=args.fid, device=args.device,
-                             repeats=args.repeats)
+    if args.model:
+        raise FewstepError("give a model or --samples FILE, not both")
+    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid)
+
+
+def cmd_eval(args) -> int:
+    from fewstep.train.evaluate import evaluate_model
+
+    if args.samples or not args.model:
+        if not args.samples:
+            raise FewstepError("eval needs a model directory or --samples FILE --data D")
+        return _print_metrics(args, cmd_eval_samples(args))
+
+    with _foreign(args):
+        metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
+                                 seed=args.seed, data=args.data, fid=args.fid, device=args.device,
+                                 repeats=args.repeats)
+    return _print_metrics(args, metrics)
+
+
+def _print_metrics(args, metrics: dict) -> int:
+    from fewstep.train.evaluate import format_table
+
     print(format_table(metrics))
     if args.json:
         from fewstep.train.rundir import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fewstep.models.export_diffusers import export_diffusers
+
+    record = export_diffusers(args.model, args.out)
+    exact = "exactly" if record["pipeline_is_exact"] else "(see notes)"
+    print(f"{record['steps']}-step student written to {args.out} as a {record['pipeline']} with "
+          f"{record['scheduler']}; {record['usage']} samples it {exact}")
+    for note in record["notes"]:
+        print(f"note: {note}")
     return 0
 
 
@@ -287,7 +370,7 @@ def cmd_convert(args) -> int:
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
             "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf,
-            "demo": cmd_demo, "convert": cmd_convert}
+            "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export}
 
 
 def _set_threads() -> None:

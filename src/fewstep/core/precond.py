@@ -154,6 +154,13 @@ class EDMPrecond(nn.Module):
         F = (D - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
         return append_dims(b_skip, x.ndim) * x + append_dims(b_out, x.ndim) * F
 
+    def flow_times(self, steps: int) -> torch.Tensor:
+        """Flow times for ``flow_euler``: diffusers' default FlowMatchEuler grid (``linspace(1, 1/1000,
+        steps)``, no shift, then 0; float64)."""
+        from fewstep.core.sampling import flow_times
+
+        return flow_times(steps)
+
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """A flow net's velocity ``v(x_t, t)`` in its native variables (``t [B]`` in [0, 1], 1 = noise),
         for samplers that start at pure noise (``t = 1`` has no EDM sigma)."""

@@ -100,12 +100,11 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
     return nfe
 
 
-def flow_times(steps: int, shift: float = 1.0, t_min: float = 0.0) -> torch.Tensor:
-    """Descending flow times ``[steps + 1]`` (float64) from 1 to ``t_min``, then 0: diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` grid ``linspace(1, t_min, steps)`` with the SD3 shift
-    ``t -> shift t / (1 + (shift - 1) t)``, then the final 0."""
+def flow_times(steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """Descending flow times ``[steps + 1]`` (float64): ``linspace(1, t_min, steps)`` then 0, the grid
+    of diffusers' ``FlowMatchEulerDiscreteScheduler`` without shift (its default ``t_min`` is 1/1000;
+    shifted grids of diffusers teachers come from diffusers itself, ``models.adapters.flow_schedule``)."""
     t = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
-    t = shift * t / (1 + (shift - 1) * t)
     return torch.cat([t, t.new_zeros(1)])
 
 

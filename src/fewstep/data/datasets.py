@@ -51,6 +51,7 @@ class Dataset:
     x_test: torch.Tensor | None = field(default=None, repr=False)
     y_test: torch.Tensor | None = field(default=None, repr=False)
     class_names: tuple[str, ...] | None = None
+    path: str | None = None  # absolute path of user data (None for built-in data sets)
 
     def train_batch(self, n: int, generator: torch.Generator | None = None) -> Batch:
         """A training batch ``(x [n, *shape] float32, y [n] long | None)``.
@@ -163,6 +164,12 @@ def _folder_dataset(path: Path, conditional: bool) -> Dataset:
 
 
 def _from_path(path: Path, conditional: bool) -> Dataset:
+    data = _read_path(path, conditional)
+    data.path = str(path.resolve())
+    return data
+
+
+def _read_path(path: Path, conditional: bool) -> Dataset:
     if path.is_dir():
         return _folder_dataset(path, conditional)
     suffix = path.suffix.lower()

@@ -243,7 +243,7 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _folder_layout(folder: Path) -> tuple[list[Path], list[int], list[str] | None]:
+def folder_layout(folder: Path) -> tuple[list[Path], list[int], list[str] | None]:
     """Image files, their labels and class names (``None`` without class subfolders)."""
     top = _list_images(folder)
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -286,7 +286,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 def read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """All images of a folder as float32 ``[N, C, H, W]`` in [-1, 1], labels from class subfolders."""
-    files, labels, names = _folder_layout(folder)
+    files, labels, names = folder_layout(folder)
     arrays = []
     for f in files:
         a = _read_image(f)

@@ -5,13 +5,19 @@ foreign (diffusers, rectified-flow) teachers into ``D(x, sigma, cond)``, and the
 diffusers is imported only inside the functions that need it, so ``import fewstep.models`` is fast.
 """
 
-from fewstep.models.adapters import DiffusersDDPMDenoiser, FlowDenoiser, load_diffusers_teacher
+from fewstep.models.adapters import (
+    DiffusersDDPMDenoiser,
+    DiffusersFlowDenoiser,
+    FlowDenoiser,
+    load_diffusers_teacher,
+)
 from fewstep.models.io import build_denoiser, load_model, load_teacher, normalize_spec, save_model
 from fewstep.models.mlp import SigmaMLP
 from fewstep.models.unet import UNetRaw
 
 __all__ = [
     "DiffusersDDPMDenoiser",
+    "DiffusersFlowDenoiser",
     "FlowDenoiser",
     "SigmaMLP",
     "UNetRaw",

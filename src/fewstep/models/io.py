@@ -25,7 +25,7 @@ from torch import nn
 
 from fewstep.core.precond import SIGMA_DATA, SIGMA_MIN, EDMPrecond
 from fewstep.errors import ModelError
-from fewstep.models.adapters import PICKLE_SUFFIXES, load_diffusers_teacher
+from fewstep.models.adapters import PICKLE_SUFFIXES, is_diffusers_dir, load_diffusers_teacher
 from fewstep.models.mlp import SigmaMLP
 from fewstep.models.unet import UNetRaw
 
@@ -44,7 +44,8 @@ def _arch_params(arch: type[nn.Module]) -> dict[str, inspect.Parameter]:
 
 EDM_TYPES = ("edm_songunet", "edm_dhariwal", "edm2_unet")  # models/edm_precond.py SPEC_TYPES
 DIFFUSERS_KEYS = {"type", "unet_config", "alphas_cumprod", "prediction_type", "quantize", "null_class"}
-DIFFUSERS_OPTIONAL = {"boundary": False, "boundary_sigma_min": SIGMA_MIN}  # consistency students
+# consistency students; the teacher's scheduler config (flow time scale, diffusers export)
+DIFFUSERS_OPTIONAL = {"boundary": False, "boundary_sigma_min": SIGMA_MIN, "scheduler_config": None}
 
 
 def normalize_spec(spec: dict) -> dict:
@@ -244,7 +245,7 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
         p = p.parent
     if (p / MODEL_JSON).is_file():
         return load_model(p)
-    if (p / "model_index.json").is_file() or (p / "config.json").is_file():
+    if is_diffusers_dir(p):
         D = load_diffusers_teacher(p)
         return D, {"source": "diffusers", "path": str(p), "prediction_type": D.prediction_type}
     _refuse_pickles(p, f"{MODEL_JSON} / config.json")

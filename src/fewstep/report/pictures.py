@@ -87,7 +87,8 @@ def save_samples(path: Path, x: torch.Tensor, y, gen) -> None:
     elif x.ndim == 2 and x.shape[1] == 2:
         from fewstep.data import load_dataset
 
-        name = gen.meta.get("data", {}).get("name")
+        data = gen.meta.get("data", {})
+        name = data.get("path") or data.get("name")  # user data by its recorded absolute path
         mixture = None
         if name:
             try:

@@ -18,6 +18,7 @@ import torch
 
 from fewstep.config import DistillRunConfig, to_dict
 from fewstep.data import Dataset, load_dataset
+from fewstep.data.provenance import recorded_data
 from fewstep.errors import ConfigError, FewstepError
 from fewstep.losses import METHODS
 from fewstep.losses.base import PHASES, Batch, Context, Method, Nets, Rollout
@@ -123,7 +124,7 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
         teacher, teacher_meta = load_teacher(cfg.teacher)
     tmeta = teacher_meta or {}
     teacher = teacher.to(device).eval().requires_grad_(False)
-    data_name = cfg.data.name or tmeta.get("data", {}).get("name")
+    data_name = recorded_data(tmeta.get("data"), cfg.teacher, override=cfg.data.name)  # path + hash checked
     if data is None:
         if not data_name:
             raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
@@ -284,12 +285,14 @@ def setup_methods(run: Run) -> None:
 
 def student_meta(run: Run) -> dict:
     """What model.json records about a student (rebuilds the k-step sampler around G)."""
+    from fewstep.data.provenance import source_record
+
     s, cfg = run.nets.student, run.cfg
     return {"role": "student", "steps": s.num_steps, "sigmas": s.sigmas.tolist(),
             "renoise": s.renoise, "method": cfg.method, "extras": dict(cfg.extras),
             "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
             "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
-                     "num_classes": run.data.num_classes}}
+                     "num_classes": run.data.num_classes, **source_record(run.data.path)}}
 
 
 def export_model(run: Run, out: Path) -> None:

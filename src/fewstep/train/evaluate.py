@@ -17,6 +17,7 @@ import torch
 
 from fewstep import metrics as M
 from fewstep.data import Dataset, load_dataset
+from fewstep.data.provenance import recorded_data
 from fewstep.errors import FewstepError
 from fewstep.train.rng import generator
 
@@ -169,7 +170,7 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
 
     device = resolve_device(device)
     gen = load_generator(path, device)
-    data_name = data or gen.meta.get("data", {}).get("name")
+    data_name = recorded_data(gen.meta.get("data"), path, override=data)
     if not data_name:
         raise FewstepError("this model does not record its data set; pass --data NAME|PATH")
     dataset = load_dataset(data_name, conditional=gen.num_classes > 0)
@@ -198,6 +199,29 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
                 "sample_s": round(sample_s, 3), "eval_s": round(eval_s, 3), "repeats": repeats,
                 "sampler": sampler if gen.role == "teacher" else "student", "seed": seed,
                 "metric_space": space.name, "data": data_name, "model": str(path)})
+    return out
+
+
+def evaluate_samples(path, data: str, n: int | None = None, fid: bool = False) -> dict:
+    """``fewstep eval --samples FILE --data D``: the same metrics and floors for samples made by any
+    tool (formats: ``fewstep.data.samples``); ``n`` keeps the first n samples."""
+    from fewstep.data.samples import read_samples
+
+    if not data:
+        raise FewstepError("--samples needs --data NAME|PATH: the data set to compare the samples with")
+    dataset = load_dataset(data)
+    x, y = read_samples(path, tuple(dataset.shape))
+    if n is not None:
+        if n < 2 or n > len(x):
+            raise FewstepError(f"--n {n}: the samples file holds {len(x)}; pick 2..{len(x)}")
+        x, y = x[:n], None if y is None else y[:n]
+    space = metric_space(dataset)
+    t0 = time.perf_counter()
+    out = score_samples(space, x, y)
+    out["eval_s"] = round(time.perf_counter() - t0, 3)
+    if fid:
+        out.update(fid_metrics(space, x))
+    out.update({"metric_space": space.name, "data": data, "model": str(path), "source": "samples"})
     return out
 
 
@@ -301,7 +325,7 @@ def _data_name(cfg) -> str:
         return cfg.data.name
     from fewstep.models.io import read_model_json
 
-    name = read_model_json(cfg.teacher)[1].get("data", {}).get("name")
+    name = recorded_data(read_model_json(cfg.teacher)[1].get("data"), cfg.teacher)
     if not name:
         raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
     return name

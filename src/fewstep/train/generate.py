@@ -11,7 +11,6 @@ import torch
 
 from fewstep.core.sampling import (
     SAMPLERS,
-    flow_times,
     karras_sigmas,
     sample_flow_euler,
     sampler_nfe,
@@ -78,11 +77,11 @@ class Generator:
             return self.model.sample(z, y, generator=torch.Generator().manual_seed(seed))
         nfe = nfe or self.default_nfe()
         if sampler == "flow_euler":  # flow teachers: diffusers' flow Euler, from t = 1 (pure noise)
-            if not callable(getattr(self.model, "velocity", None)) or \
+            if not callable(getattr(self.model, "flow_times", None)) or \
                     getattr(self.model, "objective", "flow") != "flow":
                 raise FewstepError("--sampler flow_euler needs a flow teacher (fewstep teacher "
                                    "--objective flow, or a diffusers flow-matching model)")
-            times = flow_times(nfe, float(getattr(self.model, "shift", 1.0))).to(z.device)
+            times = self.model.flow_times(nfe).to(z.device)
             return sample_flow_euler(self.model.velocity, z, times, y)
         if sampler == "dpmpp":
             from fewstep.train.dpm import sample_dpmpp
@@ -110,8 +109,11 @@ def _sigma_range(model) -> tuple[float, float]:
 
 
 def teacher_sigmas(model, steps: int) -> torch.Tensor:
-    """The Karras grid over the model's sigma range, ending in 0."""
+    """The Karras grid over the model's sigma range, ending in 0; a model with its own grid (a
+    diffusers flow teacher: its scheduler's shifted grid) uses that."""
     lo, hi = _sigma_range(model)
+    if hasattr(model, "sampling_sigmas"):
+        return model.sampling_sigmas(steps, sigma_max=hi)
     return karras_sigmas(steps, sigma_min=lo, sigma_max=hi)
 
 
@@ -139,9 +141,10 @@ def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: 
 
 
 def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sampler: str = "heun",
-                   seed: int = 0, device: str = "auto") -> int:
+                   seed: int = 0, device: str = "auto", data: str | None = None) -> int:
     """``fewstep sample``: ``n`` samples of a teacher or student into ``out`` (a grid or 2-D scatter
-    ``.png``, or ``.npz``); returns the NFE used."""
+    ``.png``, or ``.npz``); ``data`` names the data set whose modes a scatter draws (default: the
+    model's). Returns the NFE used."""
     from fewstep.report.pictures import save_samples
     from fewstep.train.device import resolve_device
 
@@ -152,6 +155,8 @@ def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sample
         raise FewstepError(f"--n must be positive, got {n}")
     dev = resolve_device(device)
     gen = load_generator(model, dev)
+    if data:
+        gen.meta = {**gen.meta, "data": {**gen.meta.get("data", {}), "name": data, "path": None}}
     x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=dev)
     save_samples(out, x, y, gen)
     return gen.nfe(nfe, sampler)

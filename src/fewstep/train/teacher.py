@@ -31,9 +31,12 @@ from fewstep.train.rng import StepRandom, derive_seed
 
 
 def describe_data(data: Dataset) -> dict:
-    """What model.json records about the training data (to rebuild metrics and labels)."""
+    """What model.json records about the training data (to rebuild metrics and labels); user data
+    also records its absolute path and content hash (data/provenance.py)."""
+    from fewstep.data.provenance import source_record
+
     return {"name": data.name, "kind": data.kind, "shape": list(data.shape),
-            "num_classes": data.num_classes}
+            "num_classes": data.num_classes, **source_record(data.path)}
 
 
 def model_spec(cfg: TeacherRunConfig, data: Dataset) -> dict:

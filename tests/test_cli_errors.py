@@ -99,3 +99,12 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     assert "Traceback" not in r.stderr
+
+
+def test_even_heun_nfe_is_one_line_not_a_traceback(tmp_path, capsys):
+    from tests.helpers import save_tiny_teacher
+
+    t = save_tiny_teacher(tmp_path / "t")
+    assert main(["sample", str(t), "--nfe", "2", "--n", "4", "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "must be odd" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -89,7 +89,7 @@ class Generator:
             lo, hi = _sigma_range(self.model)
             return sample_dpmpp(self.model, z, nfe, y, sigma_min=lo, sigma_max=hi,
                                 sigma_data=float(getattr(self.model, "sigma_data", 0.5)))
-        steps = steps_for_nfe(sampler, nfe)
+        steps = _steps_for_nfe(sampler, nfe)
         sigmas = teacher_sigmas(self.model, steps).to(z.device)
         return SAMPLERS[sampler](self.model, z.double() * sigmas[0], sigmas, y)
 
@@ -98,7 +98,15 @@ class Generator:
             return self.model.num_steps
         if sampler in ("dpmpp", "flow_euler"):
             return nfe or self.default_nfe()
-        return sampler_nfe(sampler, steps_for_nfe(sampler, nfe or self.default_nfe()))
+        return sampler_nfe(sampler, _steps_for_nfe(sampler, nfe or self.default_nfe()))
+
+
+def _steps_for_nfe(sampler: str, nfe: int) -> int:
+    """``core.sampling.steps_for_nfe`` with its refusal (an even Heun NFE) as a user error."""
+    try:
+        return steps_for_nfe(sampler, nfe)
+    except ValueError as e:
+        raise FewstepError(str(e)) from None
 
 
 def _sigma_range(model) -> tuple[float, float]:

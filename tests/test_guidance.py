@@ -393,7 +393,7 @@ def test_guided_dmd_guides_the_real_score_only():
         run = _run("dmd", w)
         batch = make_batch(run, 0)
         gen = run.rollout(run.nets.student, batch, batch.z)
-        values[w] = float(run.methods[0].terms[0](run.nets, batch, gen).loss.mean())
+        values[w] = float(run.methods[0].terms[0](run.nets, batch, gen).loss.mean().detach())
     idx = batch.rnd.randint("dm_index", 20, 981)
     sigma = ascending_grid()[idx].float()
     x = gen.x.detach()

@@ -25,7 +25,7 @@ from fewstep.core.precond import RHO, SIGMA_MAX, SIGMA_MIN
 from fewstep.core.sampling import karras_sigmas
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale
+from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale, null_cond
 
 # one student update per iteration, no critic
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False}}
@@ -102,7 +102,7 @@ def build(cfg: CDConfig, ctx) -> Method:
     if cfg.num_points < 2 or not 0.0 <= cfg.target_mu <= 1.0:
         raise ConfigError(f"cd.num_points must be >= 2 and 0 <= cd.target_mu <= 1, got "
                           f"{cfg.num_points}, {cfg.target_mu}")
-    term = ConsistencyDistillation(cfg, guidance_scale(ctx), ctx.null_cond)
+    term = ConsistencyDistillation(cfg, guidance_scale(ctx), null_cond(ctx))
     return Method(terms=[term], target_rate=cfg.target_mu, boundary=True)
 
 

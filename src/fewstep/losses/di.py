@@ -21,7 +21,17 @@ import torch
 from fewstep.core.guidance import guided
 from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss
 from fewstep.core.utils import append_dims, sum_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 
 # the method's own settings for shared config sections (applied before presets and overrides):
 # 1 critic : 1 generator, critic first; sigma_init = 1.0 (README CIFAR-10); Adam beta=(0, 0.999),
@@ -101,7 +111,7 @@ class FakeScore(Term):
 
 def build(cfg: DIConfig, ctx) -> Method:
     """Diff-Instruct: IKL generator term + EDM fake-score term (fake net initialised from the teacher)."""
-    terms = [IKL(cfg, guidance_scale(ctx), ctx.null_cond), FakeScore(cfg, ctx.sigma_data)]
+    terms = [IKL(cfg, guidance_scale(ctx), null_cond(ctx)), FakeScore(cfg, ctx.sigma_data)]
     return Method(terms=terms, needs_fake=True)
 
 

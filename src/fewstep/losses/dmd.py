@@ -31,6 +31,7 @@ from fewstep.losses.base import (
     Term,
     check_non_negative,
     guidance_scale,
+    null_cond,
 )
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 
@@ -212,14 +213,14 @@ def build(cfg: DMDConfig, ctx) -> Method:
     """DMD2 terms. ``ctx`` gives ``sigma_data``, the fake network's bottleneck channels and the
     real-score guidance (``ctx.guidance``; the fake score is never guided)."""
     w = guidance_scale(ctx)
-    terms = [DistributionMatching(cfg, w, ctx.null_cond), FakeScore(cfg, ctx.sigma_data)]
+    terms = [DistributionMatching(cfg, w, null_cond(ctx)), FakeScore(cfg, ctx.sigma_data)]
     head = None
     if cfg.gan_gen_weight > 0:
         head = GANHead(ctx.bottleneck_channels, ctx.bottleneck_spatial)
         terms += [_weighted(GANGenerator(cfg), cfg.gan_gen_weight),
                   _weighted(GANDiscriminator(cfg), cfg.gan_disc_weight)]
     if cfg.reg_weight > 0:
-        terms.append(_weighted(Regression(cfg, w, ctx.null_cond), cfg.reg_weight))
+        terms.append(_weighted(Regression(cfg, w, null_cond(ctx)), cfg.reg_weight))
     return Method(terms=terms, needs_fake=True, head=head)
 
 

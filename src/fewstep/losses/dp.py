@@ -36,7 +36,17 @@ from fewstep.core.guidance import guided
 from fewstep.core.sampling import SAMPLERS, karras_sigmas
 from fewstep.core.utils import mean_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 
 # DP-DMD trains (and so must sample) a deterministic chain (section 2)
 DEFAULTS = {"student": {"renoise": "ddim"}}
@@ -152,7 +162,7 @@ def build(cfg: DPConfig, ctx, weight: float) -> Method:
     if cfg.teacher_sampler not in SAMPLERS:
         raise ConfigError(f"dp.teacher_sampler must be one of {', '.join(SAMPLERS)}, "
                           f"got '{cfg.teacher_sampler}'")
-    term = DPTerm(cfg, guidance_scale(ctx, cfg.guidance, "dp.guidance"), ctx.null_cond)
+    term = DPTerm(cfg, guidance_scale(ctx, cfg.guidance, "dp.guidance"), null_cond(ctx))
     term.weight = weight
     return Method(terms=[term], rollout=DPRollout(cfg.detach))
 

@@ -131,7 +131,7 @@ class FDistillMatching(Term):
 def build(cfg: FDistillConfig, ctx) -> Method:
     """DMD2 with its GAN head, the distribution-matching term replaced by the f-weighted one."""
     method = dmd.build(cfg, ctx)
-    method.terms[0] = FDistillMatching(cfg, method.terms[0].guidance, ctx.null_cond)
+    method.terms[0] = FDistillMatching(cfg, method.terms[0].guidance, method.terms[0].null)
     return method
 
 

@@ -34,7 +34,17 @@ from fewstep.core.guidance import guided
 from fewstep.core.precond import P_MEAN, P_STD, RHO, SIGMA_MAX, SIGMA_MIN, edm_denoising_loss, edm_loss_weight
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 from fewstep.losses.di import edm_fake_loss, lognormal_sigma
 from fewstep.models.taps import bottleneck_path, capture, forward_with_taps
 
@@ -205,8 +215,8 @@ def build(cfg: SiDConfig, ctx) -> Method:
         raise ConfigError("SiDA (sid.adversarial) reads logits from the fake network's own forward pass "
                           "and cannot guide it; pass sid.cfg_eval_fake=1 sid.cfg_train_fake=1")
     dropout = fake_w != 1 or train_w != 1  # SiD-LSG's use_context_dropout_train_fake
-    terms = [SiDGenerator(cfg, real_w, fake_w, ctx.null_cond),
-             FakeScore(cfg, ctx.sigma_data, train_w, dropout, ctx.null_cond)]
+    terms = [SiDGenerator(cfg, real_w, fake_w, null_cond(ctx)),
+             FakeScore(cfg, ctx.sigma_data, train_w, dropout, null_cond(ctx))]
     return Method(terms=terms, needs_fake=True)
 
 

@@ -399,9 +399,10 @@ def test_guided_dmd_guides_the_real_score_only():
     x = gen.x.detach()
     x_s = x + append_dims(sigma, 2) * batch.rnd.randn("dm_noise", 2)
     T, c = run.nets.teacher, batch.cond
-    u, k = T(x_s, sigma, torch.full_like(c, NULL_LABEL)), T(x_s, sigma, c)
-    real = u + 3.0 * (k - u)  # two separate calls, the fake score unguided
-    g = (run.nets.fake(x_s, sigma, c) - real) / append_dims(mean_flat((x - real).abs()), 2)
+    with torch.no_grad():
+        u, k = T(x_s, sigma, torch.full_like(c, NULL_LABEL)), T(x_s, sigma, c)
+        real = u + 3.0 * (k - u)  # two separate calls, the fake score unguided
+        g = (run.nets.fake(x_s, sigma, c) - real) / append_dims(mean_flat((x - real).abs()), 2)
     assert values[3.0] == pytest.approx(float(0.5 * mean_flat(g**2).mean()), rel=1e-4)
     assert abs(values[3.0] - values[1.0]) > 1e-3 * values[1.0]
 

@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   fewstep teacher --data ring8 --out runs/t
   fewstep distill --teacher runs/t --method dmd --extra el=1 --out runs/s
   fewstep distill --teacher runs/t --method dmd --extra dp=0.05 --steps 4 --out runs/s4
+  fewstep teacher --data grid25c data.conditional=true --out runs/tc     (label dropout: guidable)
+  fewstep distill --teacher runs/tc --method dmd --guidance 3 --steps 4 --extra dp=0.05 --out runs/g
   fewstep eval runs/s --json metrics.json        fewstep sample runs/s --n 2000 --out s.png
   fewstep bench --suite quick --out runs/bench   torchrun --nproc_per_node 2 -m fewstep distill ...
   fewstep export runs/s --format diffusers --out pipe   fewstep eval --samples imgs.npz --data digits8
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
     p.add_argument("--data", help="training data (default: the teacher's recorded data; = data.name)")
     _foreign_args(p)
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="classifier-free guidance scale of the teacher's score (guidance; default 1 = "
+                        "off): dmd/di/fdistill real score, cd teacher step, dp anchor, sid SiD-LSG "
+                        "scales; the student samples unguided (docs/guidance.md)")
     _common_run_args(p)
 
     p = sub.add_parser("sample", help="draw samples from a teacher or student")
@@ -96,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heun / euler (Karras grid), dpmpp (diffusers DPM-Solver++ 2M) or flow_euler "
                         "(flow teachers: diffusers' flow-matching Euler from pure noise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
+                        "2 network evaluations per denoiser call")
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--data", help="data set whose modes a 2-D scatter shows (default: the model's)")
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heun / euler (Karras grid), dpmpp (diffusers DPM-Solver++ 2M) or flow_euler "
                         "(flow teachers: diffusers' flow-matching Euler from pure noise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
+                        "2 network evaluations per denoiser call")
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")
     p.add_argument("--repeats", type=int, default=1,
@@ -127,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (new or empty)")
 
     p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
-    p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd")
+    p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd | guidance")
     p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -222,7 +234,7 @@ def _resolve_distill_config(args):
     from fewstep.recipe import distill_config
 
     flags = _RUN_FLAGS + (("steps", "student.steps"), ("eval_every", "train.eval_every"),
-                          ("batch", "train.batch"))
+                          ("batch", "train.batch"), ("guidance", "guidance"))
     return distill_config(args.teacher, args.method, _parse_extras(args.extra),
                           [*_flag_overrides(args, flags), *args.overrides], args.preset)
 
@@ -251,7 +263,7 @@ def cmd_sample(args) -> int:
 
     with _foreign(args):  # --scheduler / --null-class reach the loader
         nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed,
-                             args.device, data=args.data)
+                             args.device, data=args.data, guidance=args.guidance)
     print(f"{args.n} samples ({nfe} NFE) written to {args.out}")
     return 0
 
@@ -276,7 +288,7 @@ def cmd_eval(args) -> int:
     with _foreign(args):
         metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
                                  seed=args.seed, data=args.data, fid=args.fid, device=args.device,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, guidance=args.guidance)
     return _print_metrics(args, metrics)
 
 

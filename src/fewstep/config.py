@@ -73,6 +73,19 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherTrainConfig(TrainConfig):
+    p_uncond: float = 0.1        # label dropout of class-conditional teachers (Ho & Salimans 2022): the
+    #                              label becomes the null label -1 with this probability, so the teacher
+    #                              can be guided (--guidance); 0 = no unconditional branch; unconditional
+    #                              data: unused
+
+    def check(self) -> None:
+        if not 0 <= self.p_uncond < 1:
+            raise ConfigError(f"train.p_uncond must be in [0, 1), got {self.p_uncond}; "
+                              "e.g. train.p_uncond=0.1")
+
+
+@dataclass
 class SampleConfig:
     sampler: str = "heun"        # heun | euler
     nfe: int = 35                # network evaluations at evaluation time (Heun: 2N - 1)
@@ -83,7 +96,7 @@ class TeacherRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -121,6 +134,9 @@ class DistillSettings:
     teacher: str = ""            # teacher directory (fewstep run or diffusers save_pretrained)
     method: str = "dmd"          # the base method (a name in losses.BASES)
     extras: dict[str, float] = field(default_factory=dict)  # extra terms and weights, e.g. {el: 0.5}
+    guidance: float = 1.0        # classifier-free guidance scale w of the teacher's score where a method
+    #                              uses one (1 = off; per-method overrides: dp.guidance, sid.cfg_*;
+    #                              docs/guidance.md); the student samples unguided
     data: DataConfig = field(default_factory=lambda: DataConfig(name=""))  # real data ("" = teacher's)
     student: StudentConfig = field(default_factory=StudentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -343,7 +359,8 @@ _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block",
              "lr", "sigma_data", "steps", "ratio", "max_bad_steps", "log_every"}
 _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup",
                  "eval_every", "ckpt_every", "micro_batch", "eps", "grad_clip_value", "init_sigma",
-                 "time_budget_s", "gen_offset"}
+                 "time_budget_s", "gen_offset", "guidance", "cfg_train_fake", "cfg_eval_fake",
+                 "cfg_eval_real"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "model.objective": {"edm", "flow"},
             "model.flow_t": {"logit_normal", "uniform"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}}

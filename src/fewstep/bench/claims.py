@@ -21,6 +21,7 @@ def arm(tags: dict) -> str:
     ex = "".join(f"+{k}={v:g}" for k, v in (tags.get("extras") or {}).items())
     return f"{tags['method']}{ex}" + (f" k={tags['steps']}" if tags.get("steps", 1) > 1 else "") + \
         (f" batch={tags['batch']}" if tags.get("batch") else "") + \
+        (f" w={tags['guidance']:g}" if tags.get("guidance", 1) != 1 else "") + \
         (f" [{tags['tag']}]" if tags.get("tag") else "")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from fewstep.bench.runner import Job
 
 COLUMNS = ["fd", "fid", "mmd", "precision", "recall", "coverage", "diversity", "modes_covered",
-           "hq_rate", "mode_mass_tv", "samples_per_sec"]
+           "hq_rate", "mode_mass_tv", "class_modes_covered", "class_mode_tv", "samples_per_sec"]
 
 
 def _fmt(v) -> str:
@@ -22,11 +22,12 @@ def _fmt(v) -> str:
 
 
 def describe(tags: dict) -> str:
+    w = f", w={tags['guidance']:g}" if tags.get("guidance", 1) != 1 else ""
     if tags.get("role") == "teacher":
-        return f"teacher, {tags.get('sampler', 'heun')}"
+        return f"teacher, {tags.get('sampler', 'heun')}{w}"
     extras = "".join(f" + {k}={v:g}" for k, v in (tags.get("extras") or {}).items())
     extra_tag = f" [{tags['tag']}]" if tags.get("tag") else ""
-    return f"{tags['method']}{extras}{extra_tag}"
+    return f"{tags['method']}{extras}{extra_tag}{w}"
 
 
 def eval_rows(jobs: list[Job], records: dict, root: Path) -> dict[str, list[dict]]:

@@ -13,27 +13,37 @@ MIXTURES = ("ring8", "grid25")
 BASES_1STEP = ("dmd", "di", "sid", "cd", "tfd")
 
 
-def teacher_job(data: str, iters: int | None = None, conditional: bool = False, name: str = "") -> Job:
+def teacher_job(data: str, iters: int | None = None, conditional: bool = False, name: str = "",
+                p_uncond: float | None = None) -> Job:
+    """A teacher; ``p_uncond`` sets its label dropout explicitly (and names it, since conditional
+    teachers made before dropout became the default have none)."""
     args = ["teacher", "--data", data, "--out", "{out}"]
     if iters:
         args += ["--iters", str(iters)]
     if conditional:
         args += ["data.conditional=true"]
+    if p_uncond is not None:
+        args += [f"train.p_uncond={p_uncond:g}"]
     # names encode everything that differs, so suites sharing one --out directory share teachers
-    default = f"teacher-{data}{'-cond' if conditional else ''}{f'-i{iters}' if iters else ''}"
+    default = f"teacher-{data}{_cond(conditional, p_uncond)}{f'-i{iters}' if iters else ''}"
     return Job(name or default, args, kind="teacher",
-               tags={"data": data, "conditional": conditional, "role": "teacher"})
+               tags={"data": data, "conditional": conditional, "role": "teacher", "p_uncond": p_uncond})
+
+
+def _cond(conditional: bool, p_uncond: float | None) -> str:
+    return ("-cond" if conditional else "") + ("" if p_uncond is None else f"-pu{p_uncond:g}")
 
 
 def distill_job(teacher: Job, method: str, extras: dict | None = None, steps: int = 1, seed: int = 0,
                 iters: int | None = None, batch: int | None = None, overrides: tuple = (),
-                tag: str = "", eval_every: int | None = None) -> Job:
+                tag: str = "", eval_every: int | None = None, guidance: float = 1.0) -> Job:
     extras = extras or {}
     ex = "".join(f"+{k}{v:g}" for k, v in extras.items())
     # the name encodes everything that changes the model, so suites sharing an --out share runs
     budget = (f"-i{iters}" if iters else "") + (f"-b{batch}" if batch else "")
-    name = f"{teacher.tags['data']}{'-cond' if teacher.tags['conditional'] else ''}-{method}{ex}" \
-           f"-k{steps}{budget}{'-' + tag if tag else ''}-s{seed}"
+    cond = _cond(teacher.tags["conditional"], teacher.tags.get("p_uncond"))
+    name = f"{teacher.tags['data']}{cond}-{method}{ex}" \
+           f"-k{steps}{_w(guidance)}{budget}{'-' + tag if tag else ''}-s{seed}"
     args = ["distill", "--teacher", f"{{root}}/{teacher.name}", "--method", method, "--out", "{out}",
             "--steps", str(steps), "--seed", str(seed)]
     for k, v in extras.items():
@@ -44,19 +54,29 @@ def distill_job(teacher: Job, method: str, extras: dict | None = None, steps: in
         args += ["--batch", str(batch)]
     if eval_every:
         args += ["--eval-every", str(eval_every)]
+    if guidance != 1:
+        args += ["--guidance", f"{guidance:g}"]
     if steps > 1:
         args += ["student.renoise=ddim"]  # deterministic chain: DP-DMD and its DMD baseline (dp_dmd.md 4)
     args += list(overrides)
     tags = {"data": teacher.tags["data"], "conditional": teacher.tags["conditional"], "method": method,
             "extras": extras, "steps": steps, "seed": seed, "tag": tag, "role": "student",
-            "batch": batch, "overrides": list(overrides)}
+            "batch": batch, "overrides": list(overrides), "guidance": guidance}
     return Job(name, args, deps=[teacher.name], kind="distill", tags=tags)
 
 
+def _w(guidance: float) -> str:
+    """The name part of a guidance scale ("" at w = 1, so unguided names stay what they were)."""
+    return "" if guidance == 1 else f"-w{guidance:g}"
+
+
 def eval_job(model: Job, nfe: int | None = None, sampler: str = "heun", n: int | None = None,
-             fid: bool = False) -> Job:
-    name = f"eval-{model.name}" + (f"-{sampler}{nfe}" if nfe else "")
+             fid: bool = False, guidance: float = 1.0) -> Job:
+    """Evaluate a model; ``guidance`` samples a teacher guided (students sample unguided)."""
+    name = f"eval-{model.name}" + (f"-{sampler}{nfe}" if nfe else "") + _w(guidance)
     args = ["eval", f"{{root}}/{model.name}", "--json", "{out}/eval.json", "--sampler", sampler]
+    if guidance != 1:
+        args += ["--guidance", f"{guidance:g}"]
     if nfe:
         args += ["--nfe", str(nfe)]
     if n:
@@ -65,6 +85,8 @@ def eval_job(model: Job, nfe: int | None = None, sampler: str = "heun", n: int |
         args += ["--fid"]
     tags = {**model.tags, "model": model.name, "sampler": sampler if model.kind == "teacher" else "student",
             "nfe": nfe or (model.tags.get("steps") if model.kind == "distill" else 35)}
+    if model.kind == "teacher":
+        tags["guidance"] = guidance
     return Job(name, args, deps=[model.name], kind="eval", tags=tags)
 
 
@@ -281,8 +303,40 @@ def fdistill_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
         for s in _seeds_for(data, seeds, digits_seeds):
             _students_with_evals(jobs, t, [{"method": m, "seed": s, "tag": tag, "overrides": ov}
                                            for m, tag, ov in arms], repeats=_reps(data))
+
+
+GUIDANCE_SCALES = (1.0, 2.0, 4.0)
+
+
+def guidance_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """Classifier-free guidance (issue 16; specs/guidance.md 4), a skeleton at the presets' budgets.
+
+    Class-conditional teachers trained with label dropout on grid25c (exact answers: modes covered
+    per class) and digits8, evaluated at each w (the teacher at w is each student's reference);
+    per seed and w: 4-step dmd, dmd+dp (anchor rollout and real score guided), dmd+el and fdistill
+    (js, kl), all distilled at w; tfd once per seed (it uses no teacher score, so no w). Ablations
+    of dp at the largest w on grid25c: lambda 0.2 and the anchor K = 10, 20 of 30 teacher steps
+    (with the default K = 5: early, middle and late points of the trajectory)."""
+    jobs: list[Job] = []
+    for data in ("grid25c", "digits8"):
+        t = teacher_job(data, conditional=True, p_uncond=0.1)
+        jobs += [t] + [eval_job(t, guidance=w) for w in GUIDANCE_SCALES]
+        data_seeds = _seeds_for(data, seeds, digits_seeds)
+        arms = [("dmd", {}, ()), ("dmd", {"dp": 0.05}, ()), ("dmd", {"el": 1.0}, ()),
+                ("fdistill", {}, ("fdistill.f_div=js",)), ("fdistill", {}, ("fdistill.f_div=kl",))]
+        specs = [{"method": m, "extras": ex, "steps": 4, "seed": s, "guidance": w, "overrides": ov,
+                  "tag": ov[0].split("=")[1] if ov else ""}
+                 for s in data_seeds for w in GUIDANCE_SCALES for m, ex, ov in arms]
+        specs += [{"method": "tfd", "seed": s} for s in data_seeds]
+        if data == "grid25c":
+            w = GUIDANCE_SCALES[-1]
+            abl = [("lam0.2", {"dp": 0.2}, ()), ("K10", {"dp": 0.05}, ("dp.anchor_k=10",)),
+                   ("K20", {"dp": 0.05}, ("dp.anchor_k=20",))]
+            specs += [{"method": "dmd", "extras": ex, "steps": 4, "seed": s, "guidance": w, "tag": tag,
+                       "overrides": ov} for s in data_seeds for tag, ex, ov in abl]
+        _students_with_evals(jobs, t, specs, repeats=_reps(data))
     return jobs
 
 
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
-          "tfd": tfd_suite, "fdistill": fdistill_suite}
+          "tfd": tfd_suite, "fdistill": fdistill_suite, "guidance": guidance_suite}

@@ -19,10 +19,13 @@ class GaussianMixture:
     """A mixture with means ``[K, d]``, covariances ``[K, d, d]`` and weights ``[K]`` (float64).
 
     Build isotropic mixtures with :meth:`isotropic`. The condition of a class-conditional teacher
-    is the component index.
+    is the component index, or, for a *labelled* mixture (``labels [K]``: the class of each
+    component, every class 0..C-1 owning at least one), the class: ``p(x | c)`` is the mixture of
+    class c's components with their weights renormalised (grid25c: class = row, 5 modes each).
     """
 
-    def __init__(self, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor | None = None):
+    def __init__(self, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         covs = torch.as_tensor(covs, dtype=torch.float64)
         K, d = means.shape
@@ -38,13 +41,22 @@ class GaussianMixture:
         iso = torch.diagonal(covs, dim1=1, dim2=2)
         self.isotropic_stds = iso[:, 0].sqrt() if torch.allclose(
             covs, torch.diag_embed(iso[:, :1].expand(K, d))) else None
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and (self.labels.shape != (K,) or self.labels.min() < 0 or
+                                        len(self.labels.unique()) != int(self.labels.max()) + 1):
+            raise ValueError(f"labels must be {K} class indices using every class 0..C-1")
 
     @classmethod
-    def isotropic(cls, means, stds, weights=None) -> GaussianMixture:
+    def isotropic(cls, means, stds, weights=None, labels=None) -> GaussianMixture:
         means = torch.as_tensor(means, dtype=torch.float64)
         stds = torch.as_tensor(stds, dtype=torch.float64).expand(means.shape[0])
         eye = torch.eye(means.shape[1], dtype=torch.float64)
-        return cls(means, stds[:, None, None] ** 2 * eye, weights)
+        return cls(means, stds[:, None, None] ** 2 * eye, weights, labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a conditional model of this mixture: C for labelled mixtures, else K."""
+        return int(self.labels.max()) + 1 if self.labels is not None else self.num_components
 
     @property
     def num_components(self) -> int:
@@ -61,12 +73,18 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``n`` points ``[n, d]`` and their components ``[n]``; ``cond`` fixes the components."""
+        """Draw ``n`` points ``[n, d]`` and their labels ``[n]`` (the component, or its class for a
+        labelled mixture); ``cond`` fixes the labels (a class: its components by their weights)."""
         if cond is None:
-            cond = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        elif self.labels is None:
+            comp = cond
+        else:
+            within = self.weights[None] * (self.labels[None] == cond.long()[:, None])
+            comp = torch.multinomial(within, 1, generator=generator)[:, 0]
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[cond] + torch.einsum("nij,nj->ni", self.chol[cond], z)
-        return x, cond
+        x = self.means[comp] + torch.einsum("nij,nj->ni", self.chol[comp], z)
+        return x, comp if self.labels is None else self.labels[comp]
 
     def _component_log_probs(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``ln pi_k + ln N(x; mu_k, Sigma_k + sigma^2 I)`` as ``[B, K]``."""
@@ -79,10 +97,15 @@ class GaussianMixture:
         return self.weights.log()[None] + log_n
 
     def _restrict(self, logits: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Class-conditional: keep only the labelled component (labels < 0 mean unconditional)."""
+        """Class-conditional: keep only the labelled component, or the labelled class's components
+        (labels < 0 mean unconditional: the null label of guidance)."""
         if cond is None:
             return logits
-        keep = torch.nn.functional.one_hot(cond.clamp(min=0).long(), self.num_components).bool()
+        cond = cond.long()
+        if self.labels is None:
+            keep = torch.nn.functional.one_hot(cond.clamp(min=0), self.num_components).bool()
+        else:
+            keep = self.labels[None] == cond[:, None]
         keep |= (cond < 0)[:, None]
         return logits.masked_fill(~keep, -math.inf)
 
@@ -118,24 +141,30 @@ class GaussianMixture:
         return (self.denoise(x, sigma, cond) - x) / sigma[:, None] ** 2
 
     def to_dict(self) -> dict:
-        return {"means": self.means.tolist(), "covs": self.covs.tolist(),
-                "weights": self.weights.tolist()}
+        d = {"means": self.means.tolist(), "covs": self.covs.tolist(), "weights": self.weights.tolist()}
+        if self.labels is not None:
+            d["labels"] = self.labels.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> GaussianMixture:
-        return cls(torch.tensor(d["means"]), torch.tensor(d["covs"]), torch.tensor(d["weights"]))
+        return cls(torch.tensor(d["means"]), torch.tensor(d["covs"]), torch.tensor(d["weights"]),
+                   d.get("labels"))
 
 
 class MixtureDenoiser(nn.Module):
     """The exact mixture denoiser behind the ``D(x, sigma, cond)`` contract (an analytic teacher).
 
-    ``conditional=True`` makes the component index the class label.
+    ``conditional=True`` makes the component index (labelled mixtures: the class) the condition;
+    label -1 is the exact unconditional denoiser, so a conditional one is guidable
+    (``null_label = -1``, ``core.guidance``): the exact guided teacher is a test oracle.
     """
 
     def __init__(self, mixture: GaussianMixture, conditional: bool = False):
         super().__init__()
         self.mixture = mixture
-        self.num_classes = mixture.num_components if conditional else 0
+        self.num_classes = mixture.num_classes if conditional else 0
+        self.null_label = -1 if conditional else None
         self.sigma_min, self.sigma_max, self.sigma_data = 0.0, math.inf, 0.5
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
@@ -153,8 +182,9 @@ def ring8(radius: float = 2.0, std: float = 0.05) -> GaussianMixture:
     return GaussianMixture.isotropic(torch.stack([radius * ang.cos(), radius * ang.sin()], 1), std)
 
 
-def grid25(spacing: float = 2.0, std: float = 0.05) -> GaussianMixture:
-    """25 equal-weight isotropic Gaussians on {-4,-2,0,2,4}^2 (the PacGAN setting)."""
+def grid25(spacing: float = 2.0, std: float = 0.05, labelled: bool = False) -> GaussianMixture:
+    """25 equal-weight isotropic Gaussians on {-4,-2,0,2,4}^2 (the PacGAN setting). ``labelled``:
+    class = row (the index of the y coordinate), 5 classes of 5 modes each (grid25c)."""
     g = torch.arange(-2, 3, dtype=torch.float64) * spacing
-    means = torch.cartesian_prod(g, g)
-    return GaussianMixture.isotropic(means, std)
+    means = torch.cartesian_prod(g, g)  # means[k] = (g[k // 5], g[k % 5])
+    return GaussianMixture.isotropic(means, std, labels=torch.arange(25) % 5 if labelled else None)

@@ -3,9 +3,11 @@
 Sources (BENCHMARKS.md):
 
 * ``ring8``, ``grid25``: exact Gaussian mixtures (fresh draws; labels = component index);
+* ``grid25c``: grid25 with class = row (5 classes of 5 modes; labels = the class);
 * ``digits8``: scikit-learn's bundled 1,797 8x8 digits, pixels ``x/8 - 1`` in [-1, 1], shape (1, 8, 8);
   fixed shuffle ``numpy.random.RandomState(0).permutation(1797)``: first 900 train, last 897 test;
-* a mixture file (``.json`` / ``.yaml``: ``means``, ``stds`` or ``covs``, optional ``weights``);
+* a mixture file (``.json`` / ``.yaml``: ``means``, ``stds`` or ``covs``, optional ``weights`` and
+  ``labels``, the class of each component);
 * ``.npy`` (``[N, D]`` vectors, ``[N, H, W]`` / ``[N, C, H, W]`` images), ``.npz`` with ``x`` and
   optional integer labels ``y``, or a folder of .png/.jpg images (optional class subfolders).
   Split: ``numpy.random.RandomState(0).permutation(N)``, first 90% train, last 10% test.
@@ -97,7 +99,7 @@ class Dataset:
 
 def _mixture_dataset(name: str, mixture: GaussianMixture, conditional: bool) -> Dataset:
     return Dataset(name=name, kind="vector", shape=(mixture.dim,),
-                   num_classes=mixture.num_components if conditional else 0, mixture=mixture)
+                   num_classes=mixture.num_classes if conditional else 0, mixture=mixture)
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,6 +125,7 @@ def digits8(conditional: bool = False) -> Dataset:
 BUILTINS: dict[str, Callable[[bool], Dataset]] = {
     "ring8": lambda c: _mixture_dataset("ring8", ring8(radius=2.0, std=0.05), c),
     "grid25": lambda c: _mixture_dataset("grid25", grid25(spacing=2.0, std=0.05), c),
+    "grid25c": lambda c: _mixture_dataset("grid25c", grid25(spacing=2.0, std=0.05, labelled=True), c),
     "digits8": digits8,
 }
 

@@ -21,7 +21,7 @@ from fewstep.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIXTURE_SUFFIXES = (".json", ".yaml", ".yml")
 ARRAY_SUFFIXES = (".npy", ".npz")
-_MIXTURE_KEYS = {"means", "stds", "covs", "weights"}
+_MIXTURE_KEYS = {"means", "stds", "covs", "weights", "labels"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,12 +83,31 @@ def _mixture_covs(data: dict, K: int, d: int, path: Path) -> np.ndarray:
     return covs
 
 
+def _mixture_labels(data: dict, K: int, weights, path: Path) -> torch.Tensor | None:
+    """Optional ``labels`` [K]: the class of each component (classes 0..C-1, each owning a mode of
+    positive weight), so a conditional model's condition is the class, not the component."""
+    if data.get("labels") is None:
+        return None
+    labels = _numeric(data["labels"], "labels", path)
+    if labels.shape != (K,) or (labels != np.round(labels)).any() or (labels < 0).any():
+        raise DataError(f"mixture file {path}: 'labels' must be {K} class indices 0..C-1 (one per mode)")
+    labels = labels.astype(np.int64)
+    w = np.ones(K) if weights is None else weights.numpy()
+    missing = [c for c in range(labels.max() + 1) if w[labels == c].sum() <= 0]
+    if missing:
+        raise DataError(f"mixture file {path}: classes {missing} own no mode of positive weight; number "
+                        "the classes 0..C-1 without gaps")
+    return torch.from_numpy(labels)
+
+
 def read_mixture_file(path: Path) -> GaussianMixture:
-    """Read an exact mixture from ``.json``/``.yaml``: ``means`` [K][d], ``stds``|``covs``, ``weights``."""
+    """Read an exact mixture from ``.json``/``.yaml``: ``means`` [K][d], ``stds``|``covs``, ``weights``
+    and ``labels`` (optional: the class of each component)."""
     data = _read_mapping(path)
     unknown = sorted(set(data) - _MIXTURE_KEYS)
     if unknown:
-        raise DataError(f"mixture file {path}: unknown keys {unknown}; allowed: means, stds, covs, weights")
+        raise DataError(f"mixture file {path}: unknown keys {unknown}; allowed: means, stds, covs, weights, "
+                        "labels")
     if "means" not in data:
         raise DataError(f"mixture file {path} has no 'means'; add 'means': [[x, y], ...] (one row per mode)")
     means = _numeric(data["means"], "means", path)
@@ -104,7 +123,8 @@ def read_mixture_file(path: Path) -> GaussianMixture:
             raise DataError(f"mixture file {path}: 'weights' must be {K} non-negative numbers with a "
                             "positive sum")
         weights = torch.from_numpy(weights)
-    return GaussianMixture(torch.from_numpy(means), torch.from_numpy(covs), weights)
+    labels = _mixture_labels(data, K, weights, path)
+    return GaussianMixture(torch.from_numpy(means), torch.from_numpy(covs), weights, labels)
 
 
 # ----------------------------------------------------------------------------------------------

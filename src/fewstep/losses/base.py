@@ -22,6 +22,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from fewstep.core.guidance import check_guidable
 from fewstep.errors import ConfigError
 
 PHASES = ("generator", "fake_score", "discriminator")
@@ -105,6 +106,9 @@ class Context:
     bottleneck_channels: int = 0           # the teacher's bottleneck (GAN heads); 0 = none found
     bottleneck_spatial: bool = False
     teacher: nn.Module | None = None       # the frozen teacher, to inspect at build time only
+    guidance: float = 1.0                  # the run's classifier-free guidance scale (--guidance; 1 = off)
+    null_cond: int | None = None           # the teacher's null label (core.guidance.null_label);
+    #                                        None: it has no unconditional branch
 
 
 class Term:
@@ -181,3 +185,24 @@ def check_non_negative(cfg, section: str, names: tuple[str, ...]) -> None:
         v = getattr(cfg, n)
         if v < 0:
             raise ConfigError(f"{section}.{n} must be >= 0, got {v}")
+
+
+def guidance_scale(ctx: Context, own: float | None = None, key: str = "--guidance") -> float:
+    """A method's guidance scale: its own setting ``own`` (config key ``key``) or the run's
+    ``ctx.guidance``; refuses w != 1 for a teacher without an unconditional branch (one line)."""
+    w = getattr(ctx, "guidance", 1.0) if own is None else float(own)  # unit tests pass ctx stand-ins
+    what = key if own is not None else "--guidance"
+    check_guidable(getattr(ctx, "num_classes", 0), null_cond(ctx), w, what)
+    return w
+
+
+def null_cond(ctx: Context | None) -> int | None:
+    """The teacher's null label from ``ctx`` (None without a context or in a stand-in)."""
+    return getattr(ctx, "null_cond", None)
+
+
+def refuse_guidance(ctx: Context, method: str, why: str) -> None:
+    """For methods that use no teacher score as a target: --guidance would do nothing, so say so."""
+    if getattr(ctx, "guidance", 1.0) != 1:
+        raise ConfigError(f"{method} {why}, so --guidance has no effect on it; omit --guidance "
+                          "(docs/guidance.md)")

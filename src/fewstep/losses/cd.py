@@ -9,6 +9,8 @@ target ``f_theta- = target.G`` (``theta- <- mu theta- + (1 - mu) theta`` after e
 Distances: ``l2`` (mean squared difference per sample, the CD "l2"), ``l1`` (mean absolute) and
 ``pseudo_huber`` (``sqrt(||.||^2 + c^2) - c``, iCT's ``c = 0.00054 sqrt(C H W)``). LPIPS is not offered
 (it needs torchvision/VGG weights). No dropout in our networks, so no RNG restore is needed (section 3).
+Guidance (``--guidance``): the teacher's ODE step uses the guided denoiser (guided consistency
+distillation, as LCM; specs/guidance.md 3), so the student's trajectories are the guided teacher's.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.core.guidance import guided
 from fewstep.core.precond import RHO, SIGMA_MAX, SIGMA_MIN
 from fewstep.core.sampling import karras_sigmas
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale, null_cond
 
 # one student update per iteration, no critic
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False}}
@@ -74,8 +77,9 @@ class ConsistencyDistillation(Term):
 
     name, phase, uses_sample = "cd", "generator", False
 
-    def __init__(self, cfg: CDConfig):
+    def __init__(self, cfg: CDConfig, guidance: float = 1.0, null: int | None = None):
         self.cfg, self.t = cfg, cd_grid(cfg)
+        self.guidance, self.null = guidance, null
 
     def __call__(self, nets: Nets, batch: Batch, gen=None) -> LossOutput:
         cfg, x0 = self.cfg, batch.real
@@ -83,7 +87,8 @@ class ConsistencyDistillation(Term):
         t, t_next = self.t[n].to(x0), self.t[n + 1].to(x0)
         x_t = x0 + append_dims(t, x0.ndim) * batch.rnd.randn("cd_noise", *x0.shape[1:]).to(x0)
         with torch.no_grad():
-            x_next = teacher_step(nets.teacher, x_t, t, t_next, batch.cond, cfg.solver)
+            teacher = guided(nets.teacher, self.guidance, self.null)
+            x_next = teacher_step(teacher, x_t, t, t_next, batch.cond, cfg.solver)
             target = nets.target.G(x_next, t_next, batch.cond)
         loss = distance(nets.student.G(x_t, t, batch.cond), target, cfg.distance, cfg.huber_c)
         return LossOutput(loss, {"cd": loss.mean().detach(), "cd_t": t.mean()})
@@ -97,7 +102,8 @@ def build(cfg: CDConfig, ctx) -> Method:
     if cfg.num_points < 2 or not 0.0 <= cfg.target_mu <= 1.0:
         raise ConfigError(f"cd.num_points must be >= 2 and 0 <= cd.target_mu <= 1, got "
                           f"{cfg.num_points}, {cfg.target_mu}")
-    return Method(terms=[ConsistencyDistillation(cfg)], target_rate=cfg.target_mu, boundary=True)
+    term = ConsistencyDistillation(cfg, guidance_scale(ctx), null_cond(ctx))
+    return Method(terms=[term], target_rate=cfg.target_mu, boundary=True)
 
 
 METHOD = MethodEntry(CDConfig, build, DEFAULTS)

@@ -4,7 +4,8 @@ Generator: the Integral-KL gradient (spec section 2; ``DI_EDMLoss.gloss`` in pku
 through the surrogate ``sum_{C,H,W} (D_fake - D_real) * x`` with both networks under no_grad, so that
 after the engine's batch mean ``d loss / dx = (D_fake - D_real) / B`` per sample; ``ln sigma ~
 N(-1.2, 1.2^2)``, no per-sample normaliser. Fake score: the EDM denoising loss (log-normal sigma,
-``lambda(sigma)``, summed over elements) on generated samples.
+``lambda(sigma)``, summed over elements) on generated samples. Guidance (``--guidance``) enters the
+real score only, as in DMD (specs/guidance.md 3).
 
 Not reproduced: the EDM augmentation pipe on the critic's inputs (our teachers take no augment
 labels, spec section 6 says to disable it then) and the shared-dropout RNG restore (spec section 2
@@ -17,9 +18,20 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.core.guidance import guided
 from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss
 from fewstep.core.utils import append_dims, sum_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 
 # the method's own settings for shared config sections (applied before presets and overrides):
 # 1 critic : 1 generator, critic first; sigma_init = 1.0 (README CIFAR-10); Adam beta=(0, 0.999),
@@ -60,14 +72,15 @@ class IKL(Term):
 
     name, phase, uses_sample = "ikl", "generator", True
 
-    def __init__(self, cfg: DIConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DIConfig, guidance: float = 1.0, null: int | None = None):
+        self.cfg, self.guidance, self.null = cfg, guidance, null
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
         x = gen.x
         sigma = lognormal_sigma(batch.rnd, "ikl_sigma", self.cfg.p_mean, self.cfg.p_std, x)
         eps = batch.rnd.randn("ikl_noise", *x.shape[1:]).to(x)
-        loss, diff = ikl_loss(x, sigma, eps, nets.teacher, nets.fake, batch.cond)
+        real = guided(nets.teacher, self.guidance, self.null)
+        loss, diff = ikl_loss(x, sigma, eps, real, nets.fake, batch.cond)
         # the loss value has no fixed sign or scale (spec section 6): also log the gradient's size
         return LossOutput(self.cfg.loss_scaling * loss,
                           {"ikl": loss.mean().detach(), "ikl_grad_rms": diff.pow(2).mean().sqrt()})
@@ -98,7 +111,8 @@ class FakeScore(Term):
 
 def build(cfg: DIConfig, ctx) -> Method:
     """Diff-Instruct: IKL generator term + EDM fake-score term (fake net initialised from the teacher)."""
-    return Method(terms=[IKL(cfg), FakeScore(cfg, ctx.sigma_data)], needs_fake=True)
+    terms = [IKL(cfg, guidance_scale(ctx), null_cond(ctx)), FakeScore(cfg, ctx.sigma_data)]
+    return Method(terms=terms, needs_fake=True)
 
 
 METHOD = MethodEntry(DIConfig, build, DEFAULTS)

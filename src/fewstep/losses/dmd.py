@@ -4,6 +4,9 @@ Generator: the distribution-matching gradient ``g = (D_fake - D_real) / mean|x -
 7-8 with DMD2's per-sample normaliser) through the surrogate ``0.5 ||x - sg(x - g)||^2``; fake score:
 EDM denoising loss on generated samples; optional DMD2 GAN head on the fake network's bottleneck;
 optional DMD v1 regression on teacher ODE pairs (L2: LPIPS needs torchvision, which we avoid).
+Classifier-free guidance (``--guidance``, specs/guidance.md 3) enters the real score only, as DMD2's
+``real_guidance_scale`` (its fake score is never guided), and the regression pairs, which are
+samples of the guided teacher.
 """
 
 from __future__ import annotations
@@ -14,10 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.core.guidance import guided
 from fewstep.core.precond import edm_denoising_loss
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.core.utils import append_dims, mean_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, check_non_negative
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    check_non_negative,
+    guidance_scale,
+    null_cond,
+)
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 
 # the method's own settings for shared config sections (applied before presets and overrides)
@@ -60,19 +75,22 @@ def dm_gradient(x, sigma, eps, D_real_fn, D_fake_fn, cond) -> tuple[torch.Tensor
 
 
 class DistributionMatching(Term):
-    """DMD generator term; ``d loss.mean() / dx = g / numel`` exactly."""
+    """DMD generator term; ``d loss.mean() / dx = g / numel`` exactly. The real score is the teacher
+    guided at ``guidance`` with null label ``null`` (``core.guidance``; w = 1: the teacher itself)."""
 
     name, phase, uses_sample = "dm", "generator", True
 
-    def __init__(self, cfg: DMDConfig):
+    def __init__(self, cfg: DMDConfig, guidance: float = 1.0, null: int | None = None):
         self.cfg, self.K = cfg, ascending_grid()
+        self.guidance, self.null = guidance, null
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
         x = gen.x
         idx = batch.rnd.randint("dm_index", self.cfg.min_step, self.cfg.max_step + 1)
         sigma = self.K[idx.cpu()].to(x)
         eps = batch.rnd.randn("dm_noise", *x.shape[1:]).to(x)
-        g, w = dm_gradient(x, sigma, eps, nets.teacher, nets.fake, batch.cond)
+        real = guided(nets.teacher, self.guidance, self.null)
+        g, w = dm_gradient(x, sigma, eps, real, nets.fake, batch.cond)
         loss = 0.5 * mean_flat((x - (x - g).detach()) ** 2)
         return LossOutput(loss, {"dm": loss.mean().detach(), "dm_norm_w": w.mean()})
 
@@ -163,12 +181,12 @@ class GANDiscriminator(Term):
 
 
 class Regression(Term):
-    """DMD v1 regression ``||G(z_ref) - y_ref||^2`` on precomputed teacher Heun pairs."""
+    """DMD v1 regression ``||G(z_ref) - y_ref||^2`` on precomputed (guided) teacher Heun pairs."""
 
     name, phase, uses_sample = "reg", "generator", False
 
-    def __init__(self, cfg: DMDConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DMDConfig, guidance: float = 1.0, null: int | None = None):
+        self.cfg, self.guidance, self.null = cfg, guidance, null
         self.z_ref = self.y_ref = self.c_ref = None
 
     def setup(self, nets: Nets, ctx) -> None:
@@ -179,7 +197,8 @@ class Regression(Term):
         c_ref = (torch.arange(self.cfg.reg_pairs) % ctx.num_classes).to(device) if ctx.num_classes else None
         sigmas = karras_sigmas((self.cfg.reg_nfe + 1) // 2).to(device)
         with torch.no_grad():
-            self.y_ref = sample_heun(nets.teacher, z_ref.double() * sigmas[0], sigmas, c_ref).float()
+            teacher = guided(nets.teacher, self.guidance, self.null)
+            self.y_ref = sample_heun(teacher, z_ref.double() * sigmas[0], sigmas, c_ref).float()
         self.z_ref, self.c_ref = z_ref, c_ref
 
     def __call__(self, nets, batch, gen) -> LossOutput:
@@ -191,15 +210,17 @@ class Regression(Term):
 
 
 def build(cfg: DMDConfig, ctx) -> Method:
-    """DMD2 terms. ``ctx`` gives ``sigma_data`` and the fake network's bottleneck channels."""
-    terms = [DistributionMatching(cfg), FakeScore(cfg, ctx.sigma_data)]
+    """DMD2 terms. ``ctx`` gives ``sigma_data``, the fake network's bottleneck channels and the
+    real-score guidance (``ctx.guidance``; the fake score is never guided)."""
+    w = guidance_scale(ctx)
+    terms = [DistributionMatching(cfg, w, null_cond(ctx)), FakeScore(cfg, ctx.sigma_data)]
     head = None
     if cfg.gan_gen_weight > 0:
         head = GANHead(ctx.bottleneck_channels, ctx.bottleneck_spatial)
         terms += [_weighted(GANGenerator(cfg), cfg.gan_gen_weight),
                   _weighted(GANDiscriminator(cfg), cfg.gan_disc_weight)]
     if cfg.reg_weight > 0:
-        terms.append(_weighted(Regression(cfg), cfg.reg_weight))
+        terms.append(_weighted(Regression(cfg, w, null_cond(ctx)), cfg.reg_weight))
     return Method(terms=terms, needs_fake=True, head=head)
 
 

@@ -18,6 +18,10 @@ eps-prediction adapter computes ``D = x - sigma eps_hat``, so its x0 errors are 
 eps errors and section 3's reweighting applies (``dp.vp_reweight=true``); v-prediction, flow,
 x0-prediction adapters and EDM-preconditioned nets (``c_out -> sigma_data``) output O(1) x0 changes per
 unit of network output, so no reweighting (the default).
+
+Guidance (specs/guidance.md 3): the anchor rollout uses the teacher guided at ``dp.guidance``
+(default: the run's ``--guidance``), as DP-DMD uses CFG 3.5 both there and in the DMD real score;
+the base method guides its own real score. The student samples without guidance.
 """
 
 from __future__ import annotations
@@ -28,10 +32,21 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.core.dp_target import snr, x0_target_edm
+from fewstep.core.guidance import guided
 from fewstep.core.sampling import SAMPLERS, karras_sigmas
 from fewstep.core.utils import mean_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 
 # DP-DMD trains (and so must sample) a deterministic chain (section 2)
 DEFAULTS = {"student": {"renoise": "ddim"}}
@@ -47,6 +62,7 @@ class DPConfig:
     detach: bool = True           # stop-gradient after the first student step (false = ablation, C2)
     vp_reweight: bool = False     # multiply L_div by SNR_T = 1/sigma_0^2 (= eps-space MSE); only for
     #                               eps-prediction teachers (see the module docstring)
+    guidance: float | None = None  # guidance scale of the anchor rollout (None = the run's --guidance)
 
     def anchor(self) -> int:
         """The anchor index K in 1..teacher_steps."""
@@ -97,8 +113,8 @@ class DPTerm(Term):
 
     name, phase, uses_sample = "dp", "generator", True
 
-    def __init__(self, cfg: DPConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DPConfig, guidance: float = 1.0, null: int | None = None):
+        self.cfg, self.guidance, self.null = cfg, guidance, null
         self._cache: dict = {}
 
     def setup(self, nets: Nets, ctx) -> None:
@@ -116,7 +132,8 @@ class DPTerm(Term):
         sigma_T, K = float(nets.student.sigma(0)), self.cfg.anchor()
         sigmas = teacher_grid(sigma_T, self.cfg)
         t0 = time.perf_counter()
-        z_k = teacher_anchor(nets.teacher, x_T.detach(), batch.cond, sigmas, K, self.cfg.teacher_sampler)
+        teacher = guided(nets.teacher, self.guidance, self.null)
+        z_k = teacher_anchor(teacher, x_T.detach(), batch.cond, sigmas, K, self.cfg.teacher_sampler)
         sigma_k = float(sigmas[K])
         x0 = x0_target_edm(x_T.detach().double(), z_k, sigma_T, sigma_k)  # sigma_k = 0: x0* = z_k
         secs = time.perf_counter() - t0
@@ -145,7 +162,7 @@ def build(cfg: DPConfig, ctx, weight: float) -> Method:
     if cfg.teacher_sampler not in SAMPLERS:
         raise ConfigError(f"dp.teacher_sampler must be one of {', '.join(SAMPLERS)}, "
                           f"got '{cfg.teacher_sampler}'")
-    term = DPTerm(cfg)
+    term = DPTerm(cfg, guidance_scale(ctx, cfg.guidance, "dp.guidance"), null_cond(ctx))
     term.weight = weight
     return Method(terms=[term], rollout=DPRollout(cfg.detach))
 

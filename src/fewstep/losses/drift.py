@@ -19,7 +19,7 @@ import torch
 from fewstep.core.drift import TEMPERATURES, drift_loss, group_indices
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, refuse_guidance
 
 # no critic: the generator updates every iteration (the engine's critic_update returns at once)
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False},
@@ -166,6 +166,7 @@ class Drift(Term):
 
 def build(cfg: DriftConfig, ctx) -> Method:
     check_common(cfg)
+    refuse_guidance(ctx, "drift", "uses no teacher score (it drifts toward real data or teacher samples)")
     if cfg.features != "raw":
         raise ConfigError(f"drift.features must be 'raw' (got '{cfg.features}'); the digits feature "
                           "network is the metric network and is not offered as a training feature space")

@@ -12,6 +12,8 @@ network's bottleneck at the *same* noised sample the DMD term uses (section 1). 
 an EMA of rate ``ratio_ema_rate``; the bins are term state, so they survive a resume), and ``h`` is
 divided by its mean over the processes' batches. Everything else is DMD2 (``losses/dmd.py``): the
 fake score, the GAN head and its losses, the update ratio; ``f_div = rkl`` is DMD2 with the head.
+Guidance (``--guidance``) enters the real score only, as in DMD (the ratio r then compares the
+student with the *guided* teacher's distribution, through the head trained on real data).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.core.guidance import guided
 from fewstep.core.utils import append_dims, mean_flat
 from fewstep.errors import ConfigError
 from fewstep.losses import dmd
@@ -70,8 +73,9 @@ class FDistillMatching(Term):
 
     name, phase, uses_sample = "fdistill", "generator", True
 
-    def __init__(self, cfg: FDistillConfig):
+    def __init__(self, cfg: FDistillConfig, guidance: float = 1.0, null: int | None = None):
         self.cfg, self.K = cfg, dmd.ascending_grid()
+        self.guidance, self.null = guidance, null
         self.bins = torch.ones(cfg.bin_num, dtype=torch.float64)  # per-bin mean ratio (EMA)
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
@@ -81,7 +85,8 @@ class FDistillMatching(Term):
         eps = batch.rnd.randn("dm_noise", *x.shape[1:]).to(x)
         path = bottleneck_path(nets.fake)
         with capture(nets.fake, [path]) as feats:  # the head sees D_fake's own forward pass
-            g, w = dmd.dm_gradient(x, sigma, eps, nets.teacher, nets.fake, batch.cond)
+            real = guided(nets.teacher, self.guidance, self.null)
+            g, w = dmd.dm_gradient(x, sigma, eps, real, nets.fake, batch.cond)
         with torch.no_grad():
             logit = nets.head(feats[path]).float()
         h, r = self.weights(logit, idx.cpu(), batch.all_mean)
@@ -126,7 +131,7 @@ class FDistillMatching(Term):
 def build(cfg: FDistillConfig, ctx) -> Method:
     """DMD2 with its GAN head, the distribution-matching term replaced by the f-weighted one."""
     method = dmd.build(cfg, ctx)
-    method.terms[0] = FDistillMatching(cfg)
+    method.terms[0] = FDistillMatching(cfg, method.terms[0].guidance, method.terms[0].null)
     return method
 
 

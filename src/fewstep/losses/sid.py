@@ -9,6 +9,14 @@ Fake score: the EDM loss on generated samples (``di.edm_fake_loss``).
 SiDA (section 5, ``adversarial=True``): the channel mean of the fake network's encoder output is a
 discriminator logit map (no extra parameters); the critic adds ``L_D``, the generator ``L_GAN``.
 
+Guidance follows SiD-LSG (Zhou et al. 2024, arXiv 2406.01561; mingyuanzhou/SiD-LSG
+``training/sid_training_loop.py``): four scales in the standard form, kappa1 = ``cfg_train_fake`` (the
+fake score's guided output in its own EDM loss), kappa2 = kappa3 = ``cfg_eval_fake`` (the fake score,
+twice, in the generator loss), kappa4 = ``cfg_eval_real`` (the teacher in the generator loss); each
+defaults to ``--guidance`` (their runs set all equal). When a fake scale is not 1 the fake-score
+training drops labels to the null label with probability ``fake_p_uncond`` (their 10%), so the
+fake network's unconditional branch learns the generator distribution too.
+
 Not reproduced: the augmentation pipe and dropout (our networks have neither); SiDA's critic
 clipping *by value* at 1.0 (the engine clips by norm: set ``fake_optim.grad_clip`` if needed);
 ``nan_to_num`` on gradients (the engine refuses a non-finite step instead). NaN samples are masked
@@ -22,9 +30,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fewstep.core.guidance import guided
 from fewstep.core.precond import P_MEAN, P_STD, RHO, SIGMA_MAX, SIGMA_MIN, edm_denoising_loss, edm_loss_weight
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.errors import ConfigError
+from fewstep.losses.base import (
+    Batch,
+    GenOut,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+)
 from fewstep.losses.di import edm_fake_loss, lognormal_sigma
 from fewstep.models.taps import bottleneck_path, capture, forward_with_taps
 
@@ -51,6 +71,11 @@ class SiDConfig:
     gan_start_images: int = 200_000  # SiDA: GAN term off for the first this many training images
     gan_mix: float = 0.5           # SiDA after warm-up: (1 - mix) SiD + mix GAN
     gan_logit_clamp: float = 10.0  # generator-side logit clamp (the D loss uses raw logits)
+    cfg_train_fake: float | None = None  # SiD-LSG kappa1: fake-score guidance in its own loss (None: the
+    #                                      run's --guidance, as are the next two)
+    cfg_eval_fake: float | None = None   # kappa2 = kappa3: fake-score guidance in the generator loss
+    cfg_eval_real: float | None = None   # kappa4: teacher (real score) guidance in the generator loss
+    fake_p_uncond: float = 0.1     # fake-score label dropout when a fake scale != 1 (SiD-LSG: 10%)
 
     @property
     def alpha_value(self) -> float:
@@ -109,19 +134,20 @@ class SiDGenerator(Term):
 
     name, phase, uses_sample = "sid", "generator", True
 
-    def __init__(self, cfg: SiDConfig):
+    def __init__(self, cfg: SiDConfig, real_w: float = 1.0, fake_w: float = 1.0, null: int | None = None):
         self.cfg, self.path = cfg, None
+        self.real_w, self.fake_w, self.null = real_w, fake_w, null  # kappa4, kappa2 = kappa3
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
         cfg, x_g = self.cfg, gen.x
         sigma = sid_sigma(batch.rnd.rand("sid_u").to(x_g) * (cfg.tmax / 1000))
         x_t = x_g + append_dims(sigma, x_g.ndim) * batch.rnd.randn("sid_noise", *x_g.shape[1:]).to(x_g)
-        f_phi = nets.teacher(x_t, sigma, batch.cond)
+        f_phi = guided(nets.teacher, self.real_w, self.null)(x_t, sigma, batch.cond)
         if cfg.adversarial:
             self.path = self.path or bottleneck_path(nets.fake)
             f_psi, l_fake = fake_with_logits(nets.fake, x_t, sigma, batch.cond, self.path)
         else:
-            f_psi = nets.fake(x_t, sigma, batch.cond)
+            f_psi = guided(nets.fake, self.fake_w, self.null)(x_t, sigma, batch.cond)
         omega = sid_omega(x_g, f_phi, cfg.omega_min) if cfg.use_omega else torch.ones_like(sigma)
         sid = sum_flat(sid_elements(f_phi, f_psi, x_g, cfg.alpha_value)) / omega
         keep = finite_samples(x_g, f_phi, f_psi)
@@ -141,15 +167,22 @@ class FakeScore(Term):
 
     name, phase, uses_sample = "fake", "fake_score", True
 
-    def __init__(self, cfg: SiDConfig, sigma_data: float = 0.5):
+    def __init__(self, cfg: SiDConfig, sigma_data: float = 0.5, train_w: float = 1.0,
+                 dropout: bool = False, null: int | None = None):
         self.cfg, self.sigma_data, self.path = cfg, sigma_data, None
+        self.train_w, self.dropout, self.null = train_w, dropout, null  # kappa1; SiD-LSG's dropout
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
         cfg, y = self.cfg, gen.x.detach()
         sigma = lognormal_sigma(batch.rnd, "fake_sigma", cfg.p_mean, cfg.p_std, y)
         eps = batch.rnd.randn("fake_noise", *y.shape[1:]).to(y)
         if not cfg.adversarial:
-            fake = edm_fake_loss(nets.fake, y, batch.cond, sigma, eps, self.sigma_data)
+            cond = batch.cond
+            if self.dropout and cond is not None:  # the null branch learns the generator too
+                drop = batch.rnd.rand("fake_uncond").to(cond.device) < cfg.fake_p_uncond
+                cond = torch.where(drop, torch.full_like(cond, self.null), cond)
+            fake_D = guided(nets.fake, self.train_w, self.null)
+            fake = edm_fake_loss(fake_D, y, cond, sigma, eps, self.sigma_data)
             return self._out(cfg.loss_scaling * fake, y, {"fake": fake})
         self.path = self.path or bottleneck_path(nets.fake)
         with capture(nets.fake, [self.path]) as store:  # the logits share the fake branch's forward
@@ -171,8 +204,20 @@ class FakeScore(Term):
 
 
 def build(cfg: SiDConfig, ctx) -> Method:
-    """SiD (or SiDA with ``adversarial``): generator term + fake-score term; no extra parameters."""
-    return Method(terms=[SiDGenerator(cfg), FakeScore(cfg, ctx.sigma_data)], needs_fake=True)
+    """SiD (or SiDA with ``adversarial``): generator term + fake-score term; no extra parameters.
+    The SiD-LSG scales default to the run's ``--guidance``."""
+    real_w = guidance_scale(ctx, cfg.cfg_eval_real, "sid.cfg_eval_real")
+    fake_w = guidance_scale(ctx, cfg.cfg_eval_fake, "sid.cfg_eval_fake")
+    train_w = guidance_scale(ctx, cfg.cfg_train_fake, "sid.cfg_train_fake")
+    if not 0 <= cfg.fake_p_uncond < 1:
+        raise ConfigError(f"sid.fake_p_uncond must be in [0, 1), got {cfg.fake_p_uncond}")
+    if cfg.adversarial and (fake_w != 1 or train_w != 1):
+        raise ConfigError("SiDA (sid.adversarial) reads logits from the fake network's own forward pass "
+                          "and cannot guide it; pass sid.cfg_eval_fake=1 sid.cfg_train_fake=1")
+    dropout = fake_w != 1 or train_w != 1  # SiD-LSG's use_context_dropout_train_fake
+    terms = [SiDGenerator(cfg, real_w, fake_w, null_cond(ctx)),
+             FakeScore(cfg, ctx.sigma_data, train_w, dropout, null_cond(ctx))]
+    return Method(terms=terms, needs_fake=True)
 
 
 METHOD = MethodEntry(SiDConfig, build, DEFAULTS)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fewstep.core.drift import TEMPERATURES, anchor_margin_loss, drift_loss
 from fewstep.core.utils import append_dims
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, refuse_guidance
 from fewstep.losses.drift import (
     Groups,
     TeacherPool,
@@ -252,6 +252,7 @@ def _check(cfg: TFDConfig) -> None:
 def build(cfg: TFDConfig, ctx) -> Method:
     """TFD's single generator term; taps resolved on ``ctx.teacher`` (spec B3 / B11 defaults)."""
     _check(cfg)
+    refuse_guidance(ctx, "tfd", "uses the teacher's features, not its score (it drifts toward real data)")
     teacher, vector = ctx.teacher, ctx.kind == "vector"
     paths = list(dict.fromkeys(cfg.taps)) if cfg.taps else default_taps(teacher, cfg.tap_set)
     for p in paths:

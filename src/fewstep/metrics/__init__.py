@@ -5,7 +5,7 @@ Pure statistics live in :mod:`.stats`, :mod:`.modes` and :mod:`.floors`; feature
 """
 
 from fewstep.metrics.floors import floor, mmd_floor
-from fewstep.metrics.modes import mode_metrics, nearest_mode
+from fewstep.metrics.modes import class_mode_metrics, mode_metrics, nearest_mode
 from fewstep.metrics.stats import (
     density_coverage,
     diversity,
@@ -24,6 +24,7 @@ from fewstep.metrics.stats import (
 )
 
 __all__ = [
+    "class_mode_metrics",
     "density_coverage",
     "diversity",
     "diversity_by_condition",

@@ -69,3 +69,40 @@ def mode_metrics(samples: torch.Tensor, means: torch.Tensor, stds, weights=None,
         "hq_rate": n_hq.item() / N if N else 0.0,
         "mode_mass_tv": tv,
     }
+
+
+def class_mode_metrics(samples: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, stds,
+                       mode_labels: torch.Tensor, weights=None, threshold: float = 3.0,
+                       min_share: float = 0.25) -> dict[str, float | int]:
+    """Within-class coverage of class-conditional samples ``[N, d]`` with their labels ``[N]``
+    against a labelled mixture (``mode_labels [K]``: the class of each mode; specs/guidance.md 4).
+
+    A sample counts for mode k when k is its nearest mode over *all* modes, within ``threshold``
+    (as :func:`mode_metrics`) and of the sample's own class. For each class c with samples, the
+    :func:`mode_metrics` rules are applied to its samples and its own modes with the within-class
+    weights ``w_k / sum_{class c} w``. Returns the mean over those classes of modes covered
+    (``class_modes_covered``), its minimum (``class_modes_covered_min``), of modes per class
+    (``class_modes_total``) and of the HQ in-class shares' total variation from the within-class
+    weights (``class_mode_tv``: within-class collapse), and ``class_hit_rate``: the fraction of
+    samples that are HQ at a mode of their own class."""
+    k_star, dmin = nearest_mode(samples, means, stds)
+    dev, K = k_star.device, len(means)
+    modes = _f64(mode_labels, dev).long()
+    y = _f64(labels, dev).long()
+    w = torch.ones(K, dtype=torch.float64, device=dev) if weights is None else _f64(weights, dev)
+    hit = (dmin < threshold) & (modes[k_star] == y)
+    covered, totals, tvs = [], [], []
+    for c in y.unique().tolist():
+        own, sel = (modes == c).nonzero().flatten(), y == c
+        if len(own) == 0:
+            raise ValueError(f"label {c} names no mode of the mixture")
+        counts = torch.bincount(k_star[sel & hit], minlength=K)[own].to(torch.float64)
+        wc = w[own] / w[own].sum()
+        n_c, n_hq = int(sel.sum()), counts.sum()
+        covered.append(int((counts >= (min_share * wc * n_c).clamp_min(1)).sum()))
+        totals.append(len(own))
+        tvs.append(0.5 * (counts / n_hq - wc).abs().sum().item() if n_hq > 0 else 1.0)
+    n = len(y)
+    return {"class_modes_covered": sum(covered) / len(covered), "class_modes_covered_min": min(covered),
+            "class_modes_total": sum(totals) / len(totals), "class_mode_tv": sum(tvs) / len(tvs),
+            "class_hit_rate": hit.double().sum().item() / n if n else 0.0}

@@ -82,6 +82,8 @@ class _UNetAdapter(nn.Module):
             raise ModelError(f"unsupported UNet class_embed_type {config.get('class_embed_type')!r}; "
                              "only plain num_class_embeds label conditioning is supported")
         self.unet, self.null_class = unet, null_class
+        # guidable when it has a null class: label -1 selects it (core.guidance.NULL_ATTR)
+        self.null_label = -1 if null_class is not None else None
         self.boundary, self.boundary_sigma_min = boundary, boundary_sigma_min
         self.scheduler_config = scheduler_config
         self.num_class_embeds = int(config.get("num_class_embeds") or 0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewstep.core.guidance import NULL_ATTR
 from fewstep.core.precond import SIGMA_DATA, SIGMA_MIN, EDMPrecond
 from fewstep.errors import ModelError
 from fewstep.models.adapters import PICKLE_SUFFIXES, is_diffusers_dir, load_diffusers_teacher
@@ -217,6 +218,8 @@ def load_model(dir: str | Path) -> tuple[EDMPrecond, dict]:
         denoiser.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({str(e).splitlines()[0]})") from None
+    if meta.get("role") != "student" and meta.get("null_label") is not None:
+        setattr(denoiser, NULL_ATTR, int(meta["null_label"]))  # trained with label dropout: guidable
     return denoiser.eval(), meta
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fewstep.config import DistillRunConfig, to_dict
+from fewstep.core.guidance import null_label
 from fewstep.data import Dataset, load_dataset
 from fewstep.data.provenance import recorded_data
 from fewstep.errors import ConfigError, FewstepError
@@ -139,7 +140,7 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
                            f"knows {classes} classes; pass data whose labels are below {classes}")
     ctx = Context(sigma_data=float(getattr(teacher, "sigma_data", 0.5)), shape=shape,
                   num_classes=classes, kind=data.kind, seed=cfg.train.seed, iters=cfg.train.iters,
-                  teacher=teacher)
+                  teacher=teacher, guidance=cfg.guidance, null_cond=null_label(teacher))
     ctx.bottleneck_channels, ctx.bottleneck_spatial = _probe_bottleneck(teacher, shape, device)
     methods = [METHODS[cfg.method].make(getattr(cfg, cfg.method), ctx)]
     methods += [METHODS[name].make(getattr(cfg, name), ctx, w) for name, w in cfg.extras.items()]
@@ -290,6 +291,7 @@ def student_meta(run: Run) -> dict:
     s, cfg = run.nets.student, run.cfg
     return {"role": "student", "steps": s.num_steps, "sigmas": s.sigmas.tolist(),
             "renoise": s.renoise, "method": cfg.method, "extras": dict(cfg.extras),
+            "guidance": cfg.guidance,
             "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
             "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
                      "num_classes": run.data.num_classes, **source_record(run.data.path)}}

@@ -91,7 +91,7 @@ def feature_metrics(space: MetricSpace, real_f: torch.Tensor, fake_f: torch.Tens
 
 
 FLOOR_VERSION = 1  # bump when a metric or the floor protocol changes (invalidates the disk cache)
-BUILTIN = ("ring8", "grid25", "digits8")
+BUILTIN = ("ring8", "grid25", "grid25c", "digits8")
 
 
 def _floor_cache_path(space: MetricSpace, n: int):
@@ -152,6 +152,9 @@ def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors:
     if space.data.mixture is not None:
         mix = space.data.mixture
         out.update(M.mode_metrics(x.double(), mix.means, mix.mode_stds, mix.weights))
+        if mix.labels is not None and labels is not None:  # within-class collapse (grid25c)
+            out.update(M.class_mode_metrics(x.double(), labels, mix.means, mix.mode_stds, mix.labels,
+                                            mix.weights))
     if with_floors:
         out.update(floors(space, n))
     out["n_samples"] = n
@@ -159,7 +162,7 @@ def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors:
 
 
 def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fid=False,
-                   device="auto", repeats: int = 1) -> dict:
+                   device="auto", repeats: int = 1, guidance: float = 1.0) -> dict:
     """``fewstep eval``: sample a teacher/student, then score it with floors and throughput.
 
     With ``repeats > 1`` each metric is the mean over that many independent generated sets (seeds
@@ -178,12 +181,12 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
     n = n or default_n(dataset)
     if repeats < 1:
         raise FewstepError(f"--repeats must be at least 1, got {repeats}")
-    gen.sample(min(n, 16), seed=seed + 999, nfe=nfe, sampler=sampler, device=device)  # warm-up
+    gen.sample(min(n, 16), seed=seed + 999, nfe=nfe, sampler=sampler, device=device, guidance=guidance)
     sample_s = eval_s = 0.0
     runs = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        x, y = gen.sample(n, seed=seed + r, nfe=nfe, sampler=sampler, device=device)
+        x, y = gen.sample(n, seed=seed + r, nfe=nfe, sampler=sampler, device=device, guidance=guidance)
         sample_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         runs.append(score_samples(space, x, y))
@@ -195,7 +198,8 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
         t0 = time.perf_counter()
         out.update(fid_metrics(space, x_first))
         out["fid_s"] = round(time.perf_counter() - t0, 3)
-    out.update({"nfe": gen.nfe(nfe, sampler), "samples_per_sec": repeats * n / sample_s,
+    out.update({"nfe": gen.nfe(nfe, sampler, guidance), "guidance": guidance,
+                "samples_per_sec": repeats * n / sample_s,
                 "sample_s": round(sample_s, 3), "eval_s": round(eval_s, 3), "repeats": repeats,
                 "sampler": sampler if gen.role == "teacher" else "student", "seed": seed,
                 "metric_space": space.name, "data": data_name, "model": str(path)})
@@ -334,7 +338,9 @@ def _data_name(cfg) -> str:
 _ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "fid_floor", "kid", "kid_floor", "mmd", "mmd_floor",
           "precision", "precision_floor", "recall", "recall_floor", "density", "density_floor",
           "coverage", "coverage_floor", "diversity", "modes_covered", "modes_covered_any",
-          "modes_total", "hq_rate", "mode_mass_tv", "samples_per_sec", "sample_s", "eval_s"]
+          "modes_total", "hq_rate", "mode_mass_tv", "class_modes_covered", "class_modes_covered_min",
+          "class_modes_total", "class_mode_tv", "class_hit_rate", "guidance", "samples_per_sec",
+          "sample_s", "eval_s"]
 
 
 def format_table(metrics: dict) -> str:

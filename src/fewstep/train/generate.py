@@ -1,4 +1,11 @@
-"""Sampling from any model directory: our teachers (any sampler/NFE), students, foreign teachers."""
+"""Sampling from any model directory: our teachers (any sampler/NFE, with or without classifier-free
+guidance), students, foreign teachers.
+
+NFE counts *network evaluations*: a guided denoiser call evaluates the network on both branches
+(one batched call of 2B rows, ``core.guidance``), so guided sampling reports 2 per denoiser call.
+``--nfe`` sets the sampler's denoiser calls (Heun 2N - 1); students sample unguided and refuse
+``--guidance`` (they learned the guided distribution during distillation).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.core.guidance import guided
 from fewstep.core.sampling import (
     SAMPLERS,
     karras_sigmas,
@@ -48,12 +56,24 @@ class Generator:
         """Balanced class labels ``arange(n) % C`` for conditional models, else None."""
         return torch.arange(n, device=device) % self.num_classes if self.num_classes else None
 
+    def denoiser(self, guidance: float = 1.0):
+        """The teacher's denoiser at guidance ``w`` (the model itself at w = 1); one-line errors for
+        students and for teachers without an unconditional branch."""
+        if not math.isfinite(guidance) or guidance < 0:
+            raise FewstepError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance}")
+        if guidance != 1 and self.role == "student":
+            raise FewstepError("students sample without guidance (they learned the guided distribution "
+                               "when distilled with --guidance); omit --guidance")
+        return guided(self.model, guidance)
+
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, nfe: int | None = None, sampler: str = "heun",
                batch: int = 256, device="cpu", labels: torch.Tensor | None = None,
-               progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               progress=None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` samples ``[n, *shape]`` (float32, CPU) and their labels. The noise comes from one
-        generator seeded by ``seed``, so results do not depend on ``batch``."""
+        generator seeded by ``seed``, so results do not depend on ``batch``. ``guidance`` is the
+        classifier-free guidance scale w of a teacher (1 = none)."""
+        D = self.denoiser(guidance)
         if not self.shape:
             raise FewstepError("cannot tell the sample shape of this model; pass a fewstep run "
                                "directory or a diffusers UNet2DModel directory")
@@ -64,12 +84,12 @@ class Generator:
         for i in range(0, n, batch):
             zb = z[i:i + batch].to(device)
             yb = None if labels is None else labels[i:i + batch].to(device)
-            out.append(self._sample_batch(zb, yb, nfe, sampler, seed + i).float().cpu())
+            out.append(self._sample_batch(zb, yb, nfe, sampler, seed + i, D).float().cpu())
             if progress:
                 progress(len(zb))
         return torch.cat(out), labels
 
-    def _sample_batch(self, z, y, nfe, sampler, seed):
+    def _sample_batch(self, z, y, nfe, sampler, seed, D):
         if self.role == "student":
             if nfe not in (None, self.model.num_steps):
                 raise FewstepError(f"this student samples in {self.model.num_steps} steps; "
@@ -81,24 +101,29 @@ class Generator:
                     getattr(self.model, "objective", "flow") != "flow":
                 raise FewstepError("--sampler flow_euler needs a flow teacher (fewstep teacher "
                                    "--objective flow, or a diffusers flow-matching model)")
+            if D is not self.model:
+                raise FewstepError("--sampler flow_euler samples unguided; use --sampler heun or euler "
+                                   "with --guidance")
             times = self.model.flow_times(nfe).to(z.device)
             return sample_flow_euler(self.model.velocity, z, times, y)
         if sampler == "dpmpp":
             from fewstep.train.dpm import sample_dpmpp
 
             lo, hi = _sigma_range(self.model)
-            return sample_dpmpp(self.model, z, nfe, y, sigma_min=lo, sigma_max=hi,
+            return sample_dpmpp(D, z, nfe, y, sigma_min=lo, sigma_max=hi,
                                 sigma_data=float(getattr(self.model, "sigma_data", 0.5)))
         steps = _steps_for_nfe(sampler, nfe)
         sigmas = teacher_sigmas(self.model, steps).to(z.device)
-        return SAMPLERS[sampler](self.model, z.double() * sigmas[0], sigmas, y)
+        return SAMPLERS[sampler](D, z.double() * sigmas[0], sigmas, y)
 
-    def nfe(self, nfe: int | None, sampler: str) -> int:
+    def nfe(self, nfe: int | None, sampler: str, guidance: float = 1.0) -> int:
+        """Network evaluations per sample: the sampler's denoiser calls, times 2 when guided."""
         if self.role == "student":
             return self.model.num_steps
-        if sampler in ("dpmpp", "flow_euler"):
-            return nfe or self.default_nfe()
-        return sampler_nfe(sampler, _steps_for_nfe(sampler, nfe or self.default_nfe()))
+        calls = nfe or self.default_nfe()
+        if sampler not in ("dpmpp", "flow_euler"):  # Heun's 2N - 1
+            calls = sampler_nfe(sampler, _steps_for_nfe(sampler, calls))
+        return calls * (1 if guidance == 1 else 2)
 
 
 def _steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -139,20 +164,24 @@ def load_generator(path: str | Path, device="cpu") -> Generator:
     return Generator(model=model, meta=meta, role=role)
 
 
-def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: int = 2) -> float:
-    """Samples per second at ``batch`` after one warm-up batch (BENCHMARKS.md samples_per_sec)."""
-    gen.sample(min(batch, 32), seed=12345, nfe=nfe, sampler=sampler, batch=batch, device=device)
+def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: int = 2,
+               guidance: float = 1.0) -> float:
+    """Samples per second at ``batch`` after one warm-up batch (BENCHMARKS.md samples_per_sec); a
+    guided teacher is timed guided (both branches)."""
+    kw = {"nfe": nfe, "sampler": sampler, "batch": batch, "device": device, "guidance": guidance}
+    gen.sample(min(batch, 32), seed=12345, **kw)
     t0 = time.perf_counter()
     for r in range(repeats):
-        gen.sample(batch, seed=r, nfe=nfe, sampler=sampler, batch=batch, device=device)
+        gen.sample(batch, seed=r, **kw)
     return repeats * batch / (time.perf_counter() - t0)
 
 
 def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sampler: str = "heun",
-                   seed: int = 0, device: str = "auto", data: str | None = None) -> int:
+                   seed: int = 0, device: str = "auto", data: str | None = None,
+                   guidance: float = 1.0) -> int:
     """``fewstep sample``: ``n`` samples of a teacher or student into ``out`` (a grid or 2-D scatter
-    ``.png``, or ``.npz``); ``data`` names the data set whose modes a scatter draws (default: the
-    model's). Returns the NFE used."""
+    ``.png``, or ``.npz``), guided by ``guidance`` (teachers); ``data`` names the data set whose modes
+    a scatter draws (default: the model's). Returns the network evaluations used."""
     from fewstep.report.pictures import save_samples
     from fewstep.train.device import resolve_device
 
@@ -165,6 +194,6 @@ def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sample
     gen = load_generator(model, dev)
     if data:
         gen.meta = {**gen.meta, "data": {**gen.meta.get("data", {}), "name": data, "path": None}}
-    x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=dev)
+    x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=dev, guidance=guidance)
     save_samples(out, x, y, gen)
-    return gen.nfe(nfe, sampler)
+    return gen.nfe(nfe, sampler, guidance)

@@ -3,6 +3,11 @@
 Per sample ``ln sigma ~ N(P_mean, P_std^2)``, loss ``lambda(sigma) ||D(y + sigma n; sigma) - y||^2``
 with ``lambda = (sigma^2 + sigma_data^2)/(sigma sigma_data)^2``, averaged over elements (EDM sums
 and divides by the batch; the mean only rescales the learning rate).
+
+Class-conditional teachers train with label dropout (Ho & Salimans 2022; specs/guidance.md 1): each
+label becomes the null label -1 (zero one-hot) with probability ``train.p_uncond``, drawn from the
+step's ``p_uncond`` stream, so the teacher has an unconditional branch for classifier-free guidance.
+Unconditional runs (and ``p_uncond = 0``) make no such draw.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fewstep.config import TeacherRunConfig, to_dict
+from fewstep.core.guidance import NULL_LABEL
 from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss, flow_matching_loss
 from fewstep.data import Dataset, load_dataset
 from fewstep.errors import ConfigError
@@ -122,6 +128,9 @@ class TeacherState:
         meta = {"role": "teacher", "iterations": self.step, "data": describe_data(self.data),
                 "train_wall_s": round(self.wall_s, 2), "sampler": self.cfg.sample.sampler,
                 "nfe": self.cfg.sample.nfe}
+        if self.data.num_classes:  # guidable when trained with label dropout (models.io reads this)
+            p = self.cfg.train.p_uncond
+            meta.update({"p_uncond": p, "null_label": NULL_LABEL if p > 0 else None})
         save_model(out, self.ema, self.spec, meta)
 
     def state_dict(self) -> dict:
@@ -144,10 +153,19 @@ def _micro_loss(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, lo: i
     x, y = data.train_batch(cfg.train.batch, rnd.generator("data"))
     x = x[lo:hi].to(device)
     y = y[lo:hi].to(device) if (y is not None and data.num_classes) else None
+    if y is not None and cfg.train.p_uncond > 0:
+        y = drop_labels(y, rnd, cfg.train.p_uncond)
     D = state.model or state.net
     if cfg.model.objective == "flow":
         return flow_loss(D, x, y, rnd, cfg.model.flow_t).mean()
     return edm_loss(D, x, y, rnd, cfg.model.sigma_data).mean()
+
+
+def drop_labels(y: torch.Tensor, rnd: StepRandom, p: float) -> torch.Tensor:
+    """Label dropout: each label ``[B]`` becomes the null label with probability ``p`` (the draw is
+    made for the global batch and sliced, so it does not depend on the number of processes)."""
+    drop = rnd.rand("p_uncond").to(y.device) < p
+    return torch.where(drop, torch.full_like(y, NULL_LABEL), y)
 
 
 def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, device) -> float:

@@ -149,6 +149,27 @@ def test_zero_logits_give_ln2():  # 8.7
     assert torch.allclose(sid.gan_loss(zeros, omega, 10.0), math.log(2) / omega)
 
 
+def test_nonzero_logits_push_real_up_and_fake_down():  # 8.7 beyond ln 2: which label is which
+    sp = torch.nn.functional.softplus
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    l_real = (1.0 + 0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    l_fake = (-2.0 + 0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    loss = sid.d_loss(l_real, l_fake, sigma, 0.5)
+    # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l), each a mean over every logit of the batch
+    ref = edm_loss_weight(sigma) * 0.5 * (sp(-l_real).mean() + sp(l_fake).mean())
+    assert torch.allclose(loss, ref.detach())
+    gr, gf = torch.autograd.grad(loss.sum(), (l_real, l_fake))
+    assert (gr < 0).all() and (gf > 0).all()  # descent raises real logits and lowers fake ones
+    # the generator's loss raises the fake logits, and stops pushing beyond the clamp
+    l_gen = torch.tensor([[-2.0], [0.5], [12.0]], dtype=torch.float64).requires_grad_()
+    omega = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    gan = sid.gan_loss(l_gen, omega, 10.0)
+    assert torch.allclose(gan, (sp(-l_gen.detach().clamp(max=10.0)).mean() / omega))
+    (gg,) = torch.autograd.grad(gan.sum(), l_gen)
+    assert (gg[:2] < 0).all() and gg[2] == 0
+
+
 def test_fake_score_optimum_is_generator_denoiser(gen):  # 8.8
     m, s, n = torch.tensor([0.7, -0.3], dtype=torch.float64), 0.5, 20_000
     x = (m + s * torch.randn(n, D, generator=gen, dtype=torch.float64))

@@ -92,8 +92,10 @@ def _gan_setup():
     n, cfg = 8, dmd.DMDConfig(gan_max_index=1)
     e1 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     real, fake_x = 3.0 * e1.expand(n, D).clone(), (-3.0 * e1.expand(n, D)).clone().requires_grad_()
-    zeros = {s: torch.zeros(n, D, dtype=torch.float64) for s in ("gan_g_noise", "gan_df_noise", "gan_dr_noise")}
-    zeros.update({s: torch.zeros(n, dtype=torch.long) for s in ("gan_g_index", "gan_df_index", "gan_dr_index")})
+    zeros = {}
+    for stream in ("gan_g", "gan_df", "gan_dr"):
+        zeros[stream + "_noise"] = torch.zeros(n, D, dtype=torch.float64)
+        zeros[stream + "_index"] = torch.zeros(n, dtype=torch.long)
     nets = Nets(teacher=None, student=None, fake=TapNet(), head=LinearHead([0.5, 0.0, 0.0]))
     batch = Batch(z=torch.zeros(n, D), cond=None, real=real, rnd=FixedRandom(n, overrides=zeros))
     return cfg, nets, batch, fake_x
@@ -116,7 +118,8 @@ def test_gan_generator_pushes_its_samples_toward_real():
     sp = torch.nn.functional.softplus
     cfg, nets, batch, x = _gan_setup()
     out = dmd.GANGenerator(cfg)(nets, batch, GenOut(x=x, x_T=x))
-    assert torch.allclose(out.loss, sp(torch.tensor(1.5, dtype=torch.float64)).expand(len(x)))  # softplus(-l_fake)
+    l_fake = torch.tensor(-1.5, dtype=torch.float64)
+    assert torch.allclose(out.loss, sp(-l_fake).expand(len(x)))
     (g,) = torch.autograd.grad(out.loss.mean(), x)
     # d/dx softplus(-w.x) = -sigmoid(-w.x) w: descent moves each sample along +w, raising its logit
     expected = -torch.sigmoid(torch.tensor(1.5, dtype=torch.float64)) * nets.head.w.detach() / len(x)

@@ -188,7 +188,8 @@ def test_6_redraw_is_seeded(kind, shape, pool):
         return tuple(tuple(p.shape) for p in net.parameters())
 
     a, b = draw(5), draw(5)
-    assert [arch(n) for n in a] == [arch(n) for n in b] and all(torch.equal(flat(u), flat(v)) for u, v in zip(a, b))
+    assert [arch(n) for n in a] == [arch(n) for n in b]
+    assert all(torch.equal(flat(u), flat(v)) for u, v in zip(a, b))
     # every (run seed, iteration, k) draws other weights: compare all pairs of equal architecture
     # (in a mixed pool most pairs differ in architecture, so draw enough to find many equal ones)
     drawn = [n for seed in (0, 1) for it in range(8) for n in draw(it, seed)]
@@ -333,7 +334,8 @@ def _run(method="dmd", extras=None, num_classes=0, batch=16, **el_kw):
     cfg = DistillRunConfig(method=method, extras=dict(extras or {}))
     cfg.train.batch, cfg.train.iters, cfg.schedule.ratio = batch, 4, 1
     cfg.el = el.ELConfig(**{"width": 16, "calib_steps": 2, **el_kw})
-    return build_run(cfg, torch.device("cpu"), teacher=teacher, teacher_meta={"data": {"name": "ring8", "shape": [2]}})
+    return build_run(cfg, torch.device("cpu"), teacher=teacher,
+                     teacher_meta={"data": {"name": "ring8", "shape": [2]}})
 
 
 def test_10_real_batch_has_the_generators_labels():

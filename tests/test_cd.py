@@ -122,6 +122,48 @@ def test_cd_loss_vanishes_for_the_exact_consistency_function(gen):  # 8.3 (loss)
     assert losses[18].mean() > 30 * losses[36].mean()
 
 
+class GaussCM(nn.Module):
+    """The consistency function of N(theta, s^2 I) with a trainable mean theta:
+    ``f(x, sigma) = theta + (x - theta) r(sigma)``, ``r = sqrt(s^2 + sigma_min^2) / sqrt(s^2 + sigma^2)``."""
+
+    def __init__(self, theta, s):
+        super().__init__()
+        self.theta, self.s = nn.Parameter(torch.as_tensor(theta, dtype=torch.float64).clone()), s
+
+    def r(self, sigma):
+        return math.sqrt(self.s**2 + SIGMA_MIN**2) / (self.s**2 + sigma**2).sqrt()
+
+    def forward(self, x, sigma, cond=None):
+        return self.theta + (x - self.theta) * self.r(sigma)[:, None]
+
+
+def test_gradient_pulls_the_student_toward_the_exact_teacher(gen):
+    """Exact teacher N(mu, s^2 I) (a one-component mixture), student and target f_theta = f_theta-
+    of the family above. Along the exact PF-ODE x_t' - mu = (x_t - mu) sqrt(s^2 + t'^2)/sqrt(s^2 + t^2),
+    so f_theta(x_t, t) - f_theta(x_t', t') = (theta - mu)(r(t') - r(t)) and, l2 distance over D
+    dims, d loss.mean() / d theta = 2 / (B D) sum_i (theta - mu)(r(t'_i) - r(t_i))(1 - r(t_i)), with
+    r(t') > r(t): descent moves theta to mu. The Heun step is close to the exact ODE step."""
+    from fewstep.core.mixture import GaussianMixture, MixtureDenoiser
+
+    mu, s, n = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.5, 512
+    theta = torch.tensor([-0.3, 0.4], dtype=torch.float64)
+    teacher = MixtureDenoiser(GaussianMixture.isotropic(mu[None], s))
+    student, target = GaussCM(theta, s), GaussCM(theta, s)  # the term itself must stop the target's gradient
+    real = mu + s * torch.randn(n, D, dtype=torch.float64, generator=gen)
+    batch = _batch(real)
+    cfg = cd.CDConfig(num_points=40)
+    out = cd.ConsistencyDistillation(cfg)(Nets(teacher, Holder(student), target=Holder(target)), batch)
+    out.loss.mean().backward()
+    t_grid = cd.cd_grid(cfg)
+    idx = batch.rnd.randint("cd_index", 0, cfg.num_points - 1)
+    r_t, r_next = student.r(t_grid[idx]), student.r(t_grid[idx + 1])
+    expected = 2 / (n * D) * (theta - mu) * ((r_next - r_t) * (1 - r_t)).sum()
+    assert target.theta.grad is None  # sg(f_theta-)
+    assert torch.allclose(student.theta.grad, expected, rtol=1e-3), (student.theta.grad, expected)
+    cos = torch.nn.functional.cosine_similarity(-student.theta.grad, mu - theta, dim=0)
+    assert cos > 1 - 1e-6
+
+
 def test_distances():
     a, b = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
     assert torch.allclose(cd.distance(a, b, "l2"), ((a - b) ** 2).mean((1, 2, 3)))

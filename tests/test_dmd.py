@@ -1,7 +1,5 @@
 """DMD / DMD2 properties (specs/dmd.md section 9) with exact Gaussian denoisers, float64."""
 
-import math
-
 import torch
 
 from fewstep.losses import dmd
@@ -65,15 +63,67 @@ def test_scale_invariance_of_g():
     assert torch.allclose(g1, g2, atol=1e-12)
 
 
-def test_gan_losses_at_zero_logits():
-    class ZeroHead(torch.nn.Module):
-        def forward(self, h):
-            return torch.zeros(h.shape[0], dtype=h.dtype)
-    l0 = torch.zeros(5)
-    assert torch.allclose(torch.nn.functional.softplus(l0) + torch.nn.functional.softplus(-l0),
-                          torch.full((5,), 2 * math.log(2)))
-    assert torch.allclose(torch.nn.functional.softplus(-l0), torch.full((5,), math.log(2)))
-    assert torch.allclose(torch.nn.functional.softplus(-l0), -torch.nn.functional.logsigmoid(l0))
+class TapNet(torch.nn.Module):
+    """A "fake network" whose bottleneck (``net.blocks.0``, found by ``bottleneck_path``) is its
+    input: the GAN head then sees the noised samples themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Module()
+        self.net.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, x, sigma, cond=None):
+        return self.net.blocks[0](x)
+
+
+class LinearHead(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float64))
+
+    def forward(self, h):
+        return h @ self.w
+
+
+def _gan_setup():
+    """Real samples at +3 e1, generated at -3 e1, head logit 0.5 x_1: l_real = 1.5, l_fake = -1.5
+    (non-zero, so a swapped real/fake label changes the value). The diffusion-GAN noise is pinned
+    to zero so the logits are known exactly."""
+    n, cfg = 8, dmd.DMDConfig(gan_max_index=1)
+    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    real, fake_x = 3.0 * e1.expand(n, D).clone(), (-3.0 * e1.expand(n, D)).clone().requires_grad_()
+    zeros = {}
+    for stream in ("gan_g", "gan_df", "gan_dr"):
+        zeros[stream + "_noise"] = torch.zeros(n, D, dtype=torch.float64)
+        zeros[stream + "_index"] = torch.zeros(n, dtype=torch.long)
+    nets = Nets(teacher=None, student=None, fake=TapNet(), head=LinearHead([0.5, 0.0, 0.0]))
+    batch = Batch(z=torch.zeros(n, D), cond=None, real=real, rnd=FixedRandom(n, overrides=zeros))
+    return cfg, nets, batch, fake_x
+
+
+def test_gan_discriminator_raises_real_and_lowers_fake_logits():
+    sp = torch.nn.functional.softplus
+    cfg, nets, batch, x = _gan_setup()
+    out = dmd.GANDiscriminator(cfg)(nets, batch, GenOut(x=x, x_T=x))
+    l_real, l_fake = torch.tensor(1.5, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
+    assert torch.allclose(out.loss, (sp(l_fake) + sp(-l_real)).expand(len(x)))  # dmd.md 2.3
+    out.loss.mean().backward()
+    assert x.grad is None  # the critic sees sg(x)
+    # a descent step on the head must separate the two: l_real - l_fake = 6 w_1 has to grow
+    assert nets.head.w.grad[0] < 0 and torch.equal(nets.head.w.grad[1:], torch.zeros(2, dtype=torch.float64))
+    assert out.terms["d_real_acc"] == 1 and out.terms["d_fake_acc"] == 1
+
+
+def test_gan_generator_pushes_its_samples_toward_real():
+    sp = torch.nn.functional.softplus
+    cfg, nets, batch, x = _gan_setup()
+    out = dmd.GANGenerator(cfg)(nets, batch, GenOut(x=x, x_T=x))
+    l_fake = torch.tensor(-1.5, dtype=torch.float64)
+    assert torch.allclose(out.loss, sp(-l_fake).expand(len(x)))
+    (g,) = torch.autograd.grad(out.loss.mean(), x)
+    # d/dx softplus(-w.x) = -sigmoid(-w.x) w: descent moves each sample along +w, raising its logit
+    expected = -torch.sigmoid(torch.tensor(1.5, dtype=torch.float64)) * nets.head.w.detach() / len(x)
+    assert torch.allclose(g, expected.expand_as(g))
 
 
 def test_fake_loss_prefers_the_generator_posterior_mean(gen):
@@ -88,13 +138,14 @@ def test_fake_loss_prefers_the_generator_posterior_mean(gen):
     assert losses["exact"] < losses["shifted"] and losses["exact"] < losses["data"]
 
 
-def test_generator_step_leaves_critic_without_grad():
+def test_generator_term_sends_no_gradient_to_the_critic_or_teacher():
+    # both networks *could* receive gradients (requires_grad stays on): the term's stop-gradient
+    # (dm_gradient under no_grad, sg(x - g) in the surrogate) must keep them out
     x, nets, batch = _setup([1.0, 0, 0], [0.0, 0, 0])
-    nets.fake.requires_grad_(False)
-    nets.teacher.requires_grad_(False)
+    assert nets.fake.mu.requires_grad and nets.teacher.mu.requires_grad
     out = dmd.DistributionMatching(dmd.DMDConfig())(nets, batch, GenOut(x=x, x_T=x))
     out.loss.mean().backward()
-    assert nets.fake.mu.grad is None and nets.teacher.mu.grad is None and x.grad is not None
+    assert nets.fake.mu.grad is None and nets.teacher.mu.grad is None and x.grad.abs().sum() > 0
 
 
 def test_student_ema_clock_is_the_generator_update(monkeypatch):
@@ -113,3 +164,22 @@ def test_student_ema_clock_is_the_generator_update(monkeypatch):
         train_iteration(run)
     assert seen == [0, 1, 2, 3]  # iterations 0, 5, 10, 15
     assert phases.generator_update_index(run.cfg.schedule, 15) == 3
+
+
+
+def test_generator_phase_leaves_fake_head_and_teacher_without_grad():
+    """The GAN generator term differentiates *through* the fake network and the head: the engine
+    must freeze them in the generator phase (and the student in the critic phase)."""
+    from fewstep.train.distill import critic_update, generator_update, make_batch
+    from tests.helpers import _changed, _params, tiny_run
+
+    run = tiny_run("dmd", {"dmd": {"gan_gen_weight": 0.1}})
+    n = run.nets
+    _, logs = generator_update(run, make_batch(run, 0), log_norms=False)
+    assert logs["gan_g"] > 0
+    assert all(p.grad is not None for p in n.student.parameters())
+    for name, net in (("fake", n.fake), ("head", n.head), ("teacher", n.teacher)):
+        assert all(p.grad is None for p in net.parameters()), name
+    s0 = _params(n.student)
+    critic_update(run, make_batch(run, 1), None)
+    assert not _changed(n.student, s0) and all(p.grad is not None for p in n.head.parameters())

@@ -262,13 +262,28 @@ def _run(cfg, teacher, iters):
     return run, logs
 
 
+@pytest.mark.parametrize("detach", [True, False], ids=["detach", "no_detach"])
+def test_engine_first_step_gets_dmd_gradient_only_without_detach(detach):
+    """Through the engine (9.4 / 9.5): the DMD term's gradient on the first-step output is 0 with
+    the stop-gradient and > 0 without it. Step 1's logs: at step 0 the fake score still equals the
+    teacher, so the DMD gradient is 0 everywhere."""
+    torch.manual_seed(0)
+    teacher = build_denoiser(MLP)
+    with torch.no_grad():  # a non-trivial teacher (the output layer starts at zero)
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    run, logs = _run(_cfg({"dp": 0.05}, detach=detach), teacher, 2)
+    assert isinstance(run.rollout, dp.DPRollout) and run.rollout.detach is detach
+    assert logs[-1]["gradnorm_dm"] > 0 and logs[-1]["gradnorm_dp_first"] > 0
+    assert (logs[-1]["gradnorm_dm_first"] > 0) is not detach, logs[-1]["gradnorm_dm_first"]
+
+
 def test_engine_smoke():
     teacher = build_denoiser(MLP)
     run, logs = _run(_cfg({"dp": 0.05}), teacher, 2)
     assert isinstance(run.rollout, dp.DPRollout) and run.rollout.detach and "refused_step" not in logs[-1]
     for k in ("dp", "dp_teacher_s", "loss_dp", "dm", "fake", "gradnorm_dp"):
         assert k in logs[-1] and torch.isfinite(torch.tensor(logs[-1][k])), k
-    assert logs[-1]["gradnorm_dp"] == 0.0  # L_div does not touch the final sample when detached
     assert all(p.grad is None for p in run.nets.teacher.parameters())
     run.methods[1].terms[0].setup(run.nets, run.ctx)  # renoise=ddim passes
     run.nets.student.renoise = "fresh"

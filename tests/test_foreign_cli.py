@@ -80,3 +80,44 @@ def test_boundary_form_equals_the_plain_denoiser_far_from_sigma_min(diffusers_di
     plain = D(x, sigma)
     D.boundary = True
     assert torch.allclose(D(x, sigma), plain, rtol=0, atol=1e-3 * plain.abs().max().item())
+
+
+def test_v_prediction_teacher_through_distill(tmp_path):
+    """A v-prediction DDPM teacher distilled and exported: the student's D is diffusers' own
+    ``pred_original_sample`` for v-prediction (float64). Two DMD iterations with the fake score
+    still equal to the teacher at the only generator update (step 0): the DMD gradient is exactly
+    0, so the student's weights are the teacher's and its D must be the teacher's v-prediction D."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from fewstep.models.io import load_model
+
+    d = tmp_path / "v_teacher"
+    torch.manual_seed(1)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2)
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    unet.save_pretrained(d)
+    sched.save_config(d)
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(d), "--method", "dmd", "--out", str(out), "--iters", "2",
+                 "--batch", "8", "data.name=digits8", "train.eval_n=16", "train.eval_every=0",
+                 "--no-progress"]) == 0
+    spec = json.loads((out / "model.json").read_text())["spec"]
+    assert spec["type"] == "diffusers" and spec["prediction_type"] == "v_prediction"
+    G = load_model(out)[0]
+    G, unet = G.double(), unet.double().eval()
+    g = torch.Generator().manual_seed(0)
+    abar = sched.alphas_cumprod.double()
+    for t in (10, 300, 700, 990):
+        x0 = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+        noise = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+        x_vp = sched.add_noise(x0, noise, torch.tensor([t, t]))
+        with torch.no_grad():
+            v = unet(x_vp, torch.tensor([t, t])).sample
+            ref = sched.step(v, t, x_vp).pred_original_sample
+            eps_reading = (x_vp - (1 - abar[t]).sqrt() * v) / abar[t].sqrt()  # v misread as eps
+            sigma = ((1 - abar[t]) / abar[t]).sqrt()
+            got = G(x_vp / abar[t].sqrt(), sigma.expand(2))
+        torch.testing.assert_close(got, ref, atol=1e-6 * (1 + sigma.item()), rtol=0, msg=f"t={t}")
+        assert not torch.allclose(eps_reading, ref, atol=1e-3)  # the two readings differ: not vacuous

@@ -63,6 +63,21 @@ def _stop_at(monkeypatch, module: str, step: int) -> None:
     monkeypatch.setattr(mod, "reseed", reseed)
 
 
+def _record_steps(monkeypatch, module: str, name: str, step_of) -> list[int]:
+    """Wrap ``module.name`` to record the step of every call (the iterations this process runs)."""
+    import importlib
+
+    mod, steps = importlib.import_module(module), []
+    real = getattr(mod, name)
+
+    def spy(*args, **kwargs):
+        steps.append(step_of(*args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, spy)
+    return steps
+
+
 def _train_lines(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run) if "fd" not in r]
 
@@ -83,7 +98,12 @@ def test_signal_stop_and_resume_equals_uninterrupted(tmp_path, teacher, monkeypa
         assert {"student", "fake", "head", "ema"} <= set(stopped) and len(stopped["opts"]) == 3
     else:  # stopped mid-calibration: the recorded ratios must carry over
         assert stopped["terms"]["el"]["frozen"] is None and stopped["terms"]["el"]["ratios"]
-    assert cli("resumed") == 0
+    # training is deterministic per (seed, step): a resume that dropped its checkpoint and trained
+    # from 0 would end equal too, so check which iterations the resumed process actually ran
+    with monkeypatch.context() as m:
+        ran = _record_steps(m, "fewstep.train.distill", "train_iteration", lambda run, *a: run.step)
+        assert cli("resumed") == 0
+    assert ran == list(range(3, 8)), ran
     assert_states_equal(_final(tmp_path / "straight", 8), _final(tmp_path / "resumed", 8))
     assert _train_lines(tmp_path / "straight") == _train_lines(tmp_path / "resumed")
 
@@ -96,7 +116,11 @@ def test_teacher_signal_stop_and_resume_equals_uninterrupted(tmp_path, monkeypat
     with monkeypatch.context() as m:
         _stop_at(m, "fewstep.train.loop", 4)
         assert cli("resumed") == 128 + signal.SIGTERM
-    assert cli("resumed") == 0
+    stopped = ckpt.load_checkpoint(ckpt.checkpoint_paths(tmp_path / "resumed/checkpoints")[-1])["step"]
+    with monkeypatch.context() as m:  # the teacher loop reseeds once per iteration with its step
+        ran = _record_steps(m, "fewstep.train.loop", "reseed", lambda seed, step: step)
+        assert cli("resumed") == 0
+    assert stopped == 5 and ran == list(range(5, 10)), (stopped, ran)
     assert_states_equal(_final(tmp_path / "straight", 10), _final(tmp_path / "resumed", 10))
     assert _train_lines(tmp_path / "straight") == _train_lines(tmp_path / "resumed")
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fewstep.core.mixture import MixtureDenoiser, ring8
+from fewstep.core.mixture import GaussianMixture, MixtureDenoiser, ring8
 from fewstep.core.precond import edm_loss_weight
 from fewstep.losses import sid
 from fewstep.losses.base import Batch, GenOut, Nets
@@ -106,6 +106,48 @@ def test_gradient_flows_through_x_t_into_both_networks():  # 8.5
     assert torch.allclose(out.loss, full)
 
 
+def _gauss(mu, s):
+    return MixtureDenoiser(GaussianMixture.isotropic(torch.as_tensor(mu, dtype=torch.float64)[None], s))
+
+
+def test_generator_gradient_against_exact_gaussian_denoisers():
+    """Teacher: exact denoiser of N(mu_r, s^2 I); fake: exact denoiser of the generator's
+    N(mu_g, s^2 I). Then a = f_phi - f_psi = k (mu_r - mu_g) with k = sigma^2 / (s^2 + sigma^2) for
+    every x_t, and (through x_g and, via x_t, through f_phi) d/dx_g (f_phi - x_g) = -k, so
+    d loss_i / d x_g = -loss_scaling_g k^2 (mu_r - mu_g) / omega: descent moves samples to mu_r."""
+    mu_r = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mu_g = torch.tensor([-0.4, 0.3], dtype=torch.float64)
+    s, n = 0.5, 256
+    g = torch.Generator().manual_seed(4)
+    x = (mu_g + s * torch.randn(n, D, generator=g, dtype=torch.float64)).requires_grad_()
+    nets, batch = Nets(_gauss(mu_r, s), None, _gauss(mu_g, s)), _batch(n)
+    out = sid.SiDGenerator(sid.SiDConfig())(nets, batch, GenOut(x=x, x_T=x))
+    (grad,) = torch.autograd.grad(out.loss.mean(), x)
+    sigma = sid.sid_sigma(batch.rnd.rand("sid_u") * 0.8)
+    x_t = x.detach() + sigma[:, None] * batch.rnd.randn("sid_noise", D)
+    omega = (x.detach() - nets.teacher(x_t, sigma)).abs().mean(1).clamp(min=1e-5)
+    k = (sigma**2 / (s**2 + sigma**2))[:, None]
+    expected = -100.0 * k**2 * (mu_r - mu_g) / omega[:, None] / n
+    assert torch.allclose(grad, expected, rtol=1e-9, atol=1e-15)
+    cos = torch.nn.functional.cosine_similarity(-grad, (mu_r - mu_g).expand_as(grad), dim=1)
+    assert (cos > 1 - 1e-9).all()
+
+
+def test_generator_gradient_moves_an_outside_blob_into_the_ring():
+    """The exact ring8 teacher and a generator blob outside the ring on the x axis (its fake score
+    exact too): the mode at (2, 0) and the data mean both lie in -x, and the mixture is symmetric
+    about the axis, so the batch-mean descent direction is -x."""
+    mu_g, s, n = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.05, 512
+    g = torch.Generator().manual_seed(5)
+    x = (mu_g + s * torch.randn(n, D, generator=g, dtype=torch.float64)).requires_grad_()
+    nets = Nets(MixtureDenoiser(ring8()), None, _gauss(mu_g, s))
+    out = sid.SiDGenerator(sid.SiDConfig())(nets, _batch(n), GenOut(x=x, x_T=x))
+    (grad,) = torch.autograd.grad(out.loss.mean(), x)
+    inward = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    cos = torch.nn.functional.cosine_similarity(-grad.sum(0), inward, dim=0)
+    assert cos > 0.99, float(cos)
+
+
 def test_loss_scaling_and_nan_samples_are_dropped():
     x = _x().detach().clone()
     x[3] = float("nan")
@@ -147,6 +189,27 @@ def test_zero_logits_give_ln2():  # 8.7
     assert torch.allclose(sid.d_loss(zeros, zeros, sigma, 0.5), edm_loss_weight(sigma) * math.log(2))
     omega = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     assert torch.allclose(sid.gan_loss(zeros, omega, 10.0), math.log(2) / omega)
+
+
+def test_nonzero_logits_push_real_up_and_fake_down():  # 8.7 beyond ln 2: which label is which
+    sp = torch.nn.functional.softplus
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    l_real = (1.0 + 0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    l_fake = (-2.0 + 0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    loss = sid.d_loss(l_real, l_fake, sigma, 0.5)
+    # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l), each a mean over every logit of the batch
+    ref = edm_loss_weight(sigma) * 0.5 * (sp(-l_real).mean() + sp(l_fake).mean())
+    assert torch.allclose(loss, ref.detach())
+    gr, gf = torch.autograd.grad(loss.sum(), (l_real, l_fake))
+    assert (gr < 0).all() and (gf > 0).all()  # descent raises real logits and lowers fake ones
+    # the generator's loss raises the fake logits, and stops pushing beyond the clamp
+    l_gen = torch.tensor([[-2.0], [0.5], [12.0]], dtype=torch.float64).requires_grad_()
+    omega = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    gan = sid.gan_loss(l_gen, omega, 10.0)
+    assert torch.allclose(gan, (sp(-l_gen.detach().clamp(max=10.0)).mean() / omega))
+    (gg,) = torch.autograd.grad(gan.sum(), l_gen)
+    assert (gg[:2] < 0).all() and gg[2] == 0
 
 
 def test_fake_score_optimum_is_generator_denoiser(gen):  # 8.8

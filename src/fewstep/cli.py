@@ -174,9 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--data", help="the network's data set (recorded, so distill and eval need no data.name)")
 
-    p = sub.add_parser("featnet", help="retrain the digits feature network (metric space)")
+    p = sub.add_parser("featnet", help="retrain a feature network (digits8 or mnist28 metric space)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="digits8", help="digits8 (default) | mnist28")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the data set's recipe)")
+
+    p = sub.add_parser("vae", help="train a small diffusers AutoencoderKL for latent teachers")
+    p.add_argument("--data", required=True, help="image data set: mnist28 | digits8 | path")
+    p.add_argument("--out", required=True, help="output folder (save_pretrained + fewstep_vae.json)")
+    p.add_argument("--iters", type=int, help="training steps (default 2000)")
+    p.add_argument("--batch", type=int, help="batch size (default 32)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--channels", help="block widths, comma separated (default 16,32,32: 28x28 -> 7x7)")
+    p.add_argument("--latent-channels", type=int, help="latent channels (default 4)")
+    p.add_argument("--norm-groups", type=int, help="GroupNorm groups (default 8)")
+    p.add_argument("--kl-weight", type=float, help="weight of the per-element KL (default 1e-3)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--skip-metrics", action="store_true",
+                   help="skip the reconstruction metrics and VAE floors (a feature-network pass)")
     return parser
 
 
@@ -357,7 +373,7 @@ def cmd_report(args) -> int:
 def cmd_featnet(args) -> int:
     from fewstep.train.featnet import train_featnet
 
-    result = train_featnet(Path(args.out), seed=args.seed)
+    result = train_featnet(Path(args.out), seed=args.seed, epochs=args.epochs, data=args.data)
     print(json.dumps(result))
     return 0
 
@@ -377,12 +393,34 @@ def cmd_convert(args) -> int:
     n = sum(p.numel() for p in D.parameters())
     print(f"{meta['class_name']} / {meta['model_type']} ({n / 1e6:.2f} M parameters, samples "
           f"{meta['data']['shape']}, {meta['data']['num_classes']} classes) written to {args.out}")
+
+
+def cmd_vae(args) -> int:
+    from fewstep.train.vae import VAETrainConfig, train_vae
+
+    cfg = VAETrainConfig(data=args.data)
+    for flag, key in (("iters", "iters"), ("batch", "batch"), ("seed", "seed"), ("lr", "lr"),
+                      ("latent_channels", "latent_channels"), ("norm_groups", "norm_num_groups"),
+                      ("kl_weight", "kl_weight")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    if args.channels:
+        try:
+            cfg.channels = [int(c) for c in args.channels.split(",")]
+        except ValueError:
+            raise FewstepError(f"--channels {args.channels}: give integers separated by commas, e.g. "
+                               "32,64,64") from None
+    if cfg.iters < 1 or cfg.batch < 1:
+        raise FewstepError("--iters and --batch must be at least 1")
+    meta = train_vae(cfg, Path(args.out), measure=not args.skip_metrics)
+    print(json.dumps({k: meta.get(k) for k in ("latent_shape", "scaling_factor", "test_l1", "fd_floor",
+                                               "fd_vae_floor", "fd_vae_recon", "train_seconds")}))
     return 0
 
 
 COMMANDS = {"teacher": cmd_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-            "report": cmd_report, "featnet": cmd_featnet, "bench": cmd_bench, "perf": cmd_perf,
-            "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export}
+            "report": cmd_report, "featnet": cmd_featnet, "vae": cmd_vae, "bench": cmd_bench,
+            "perf": cmd_perf, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export}
 
 
 def _set_threads() -> None:

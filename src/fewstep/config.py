@@ -29,6 +29,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     name: str = "ring8"          # ring8 | grid25 | digits8 | path to .npy/.npz/.json/.yaml/image folder
     conditional: bool = False    # class-conditional teacher/student (needs labels or mixture components)
+    vae: str = ""                # diffusers VAE folder: train on its cached latents of the data ("" = pixels)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 * :func:`identity_features` — vectors (and anything else) flattened, ``[B, D]``;
 * :func:`digits_features` — penultimate 128-d features of the shipped digits classifier (``digits8``);
+* :func:`mnist28_features` — penultimate 128-d features of the shipped MNIST classifier (``mnist28``);
 * :func:`inception_features` — 2048-d pool3 features of the TF 2015-12-05 Inception-v3 (FID).
 
 Inception pipeline (the EDM / StyleGAN2-ADA protocol, specs/metrics.md section 2): ``x`` in [-1, 1]
@@ -50,22 +51,40 @@ def identity_features(x: torch.Tensor) -> torch.Tensor:
     return x.detach().flatten(1).float()
 
 
-@functools.lru_cache(maxsize=4)
-def _digits_net(device: str) -> torch.nn.Module:
+@functools.lru_cache(maxsize=8)
+def _featnet(data: str, device: str) -> torch.nn.Module:
     from fewstep.models.featnet import load_featnet
 
-    return load_featnet().to(device)
+    return load_featnet(data=data).to(device)
+
+
+def _digits_net(device: str) -> torch.nn.Module:
+    return _featnet("digits8", device)
 
 
 @torch.no_grad()
+def _featnet_features(data: str, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    from fewstep.models.featnet import FEATNETS
+
+    shape = FEATNETS[data][2]
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"the {data} feature network expects [B, {', '.join(map(str, shape))}] images, got "
+                         f"{list(x.shape)}")
+    net = _featnet(data, str(x.device))
+    x = x.detach().float()
+    return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
 def digits_features(x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Digits classifier penultimate features: ``x`` ``[B, 1, 8, 8]`` in [-1, 1] -> ``[B, 128]`` float32
     on ``x``'s device (shipped weights, loaded once, eval mode, batched)."""
-    if x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"digits_features expects [B, 1, 8, 8] images, got {list(x.shape)}")
-    net = _digits_net(str(x.device))
-    x = x.detach().float()
-    return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return _featnet_features("digits8", x, batch_size)
+
+
+def mnist28_features(x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """MNIST classifier penultimate features: ``x`` ``[B, 1, 28, 28]`` in [-1, 1] -> ``[B, 128]`` float32
+    on ``x``'s device (shipped weights, loaded once, eval mode, batched)."""
+    return _featnet_features("mnist28", x, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,12 +206,14 @@ def inception_features(x: torch.Tensor, path: str | os.PathLike | None = None,
 FEATURE_EXTRACTORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": identity_features,
     "digits": digits_features,
+    "mnist28": mnist28_features,
     "inception": inception_features,
 }
 
 
 def get_feature_extractor(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Extractor by name (``identity``, ``digits``, ``inception``); unknown names raise with a hint."""
+    """Extractor by name (``identity``, ``digits``, ``mnist28``, ``inception``); unknown names raise with a
+    hint."""
     if name in FEATURE_EXTRACTORS:
         return FEATURE_EXTRACTORS[name]
     close = difflib.get_close_matches(name, list(FEATURE_EXTRACTORS), n=1)
@@ -202,7 +223,10 @@ def get_feature_extractor(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def default_extractor_name(dataset_name: str, kind: str) -> str:
-    """The metric space of BENCHMARKS.md: ``digits`` on digits8, ``identity`` on vectors, else Inception."""
+    """The metric space of BENCHMARKS.md: ``digits`` on digits8, ``mnist28`` on mnist28, ``identity`` on
+    vectors, else Inception."""
     if dataset_name == "digits8":
         return "digits"
+    if dataset_name == "mnist28":
+        return "mnist28"
     return "identity" if kind == "vector" else "inception"

@@ -35,9 +35,6 @@ def _check_config(shape, block_out_channels, attention, norm_num_groups) -> None
     if len(attention) != len(block_out_channels):
         raise ValueError(f"attention needs one flag per level ({len(block_out_channels)}), "
                          f"got {len(attention)}")
-    if shape[1] % 2 ** (len(block_out_channels) - 1):
-        raise ValueError(f"image size {shape[1]} is not divisible by 2^{len(block_out_channels) - 1} "
-                         f"for {len(block_out_channels)} levels")
     if any(c % norm_num_groups for c in block_out_channels):
         raise ValueError(f"block_out_channels {list(block_out_channels)} must be multiples of "
                          f"norm_num_groups={norm_num_groups}")
@@ -47,7 +44,10 @@ class UNetRaw(nn.Module):
     """Raw net ``F(x_in [B, C, H, W], c_noise [B], labels [B, K] | None) -> [B, C, H, W]``.
 
     ``attention`` has one flag per level (self-attention in that level's blocks; None = none);
-    ``mid_attention`` adds self-attention in the bottleneck. ``self.unet`` is the ``UNet2DModel``
+    ``mid_attention`` adds self-attention in the bottleneck. Sizes that ``2^(levels - 1)`` does not divide
+    (e.g. a 4x7x7 VAE latent) are zero-padded at the bottom/right to the next multiple and the output
+    is cropped back (zero is the mean of EDM's unit-variance ``c_in x``); the UNet then runs on the
+    padded size. ``self.unet`` is the ``UNet2DModel``
     (hooks reach ``unet.down_blocks``, ``unet.mid_block``, ``unet.up_blocks``). The timestep fed to it
     is ``1000 * c_noise`` (see ``TIMESTEP_SCALE``).
     Class conditioning: our bias-free ``Linear(num_classes -> time_embed_dim)`` of the one-hot is passed
@@ -67,6 +67,7 @@ class UNetRaw(nn.Module):
         _check_config(shape, block_out_channels, attention, norm_num_groups)
         down, up = _block_types(attention)
         self.shape, self.num_classes = shape, num_classes
+        self.size_multiple = 2 ** (len(block_out_channels) - 1)  # the down/up path halves and doubles
         self.unet = UNet2DModel(
             sample_size=shape[1], in_channels=shape[0], out_channels=shape[0],
             block_out_channels=block_out_channels, layers_per_block=layers_per_block,
@@ -89,4 +90,9 @@ class UNetRaw(nn.Module):
             class_emb = self.embed_label(labels.to(dtype))
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp16 cannot resolve t
         timestep = (TIMESTEP_SCALE * c_noise).to(t_dtype).reshape(x_in.shape[0])
-        return self.unet(x_in.to(dtype), timestep, class_labels=class_emb).sample
+        H, W = x_in.shape[-2:]
+        pad_h, pad_w = -H % self.size_multiple, -W % self.size_multiple
+        if pad_h or pad_w:
+            x_in = nn.functional.pad(x_in, (0, pad_w, 0, pad_h))
+        out = self.unet(x_in.to(dtype), timestep, class_labels=class_emb).sample
+        return out[..., :H, :W] if (pad_h or pad_w) else out

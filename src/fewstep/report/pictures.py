@@ -74,11 +74,28 @@ def save_scatter(path: Path, x: torch.Tensor, mixture=None, title: str = "") -> 
     plt.close(fig)
 
 
+def decode_samples(x: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Samples of a latent model (model.json ``data.vae``) decoded to pixels by its VAE; others as they
+    are."""
+    vae = (meta.get("data") or {}).get("vae")
+    if not vae:
+        return x
+    from fewstep.data.latents import load_vae
+
+    with torch.no_grad():
+        return load_vae(vae["path"], vae.get("sha256")).decode(x)
+
+
 def save_samples(path: Path, x: torch.Tensor, y, gen) -> None:
-    """Write samples as ``.npz`` (x, y) or a picture chosen by the data kind."""
+    """Write samples as ``.npz`` (x, y; latent models: x decoded pixels, z the latents) or a picture
+    chosen by the data kind (latent samples decoded first)."""
     path = Path(path)
+    pixels = decode_samples(x, gen.meta)
+    latent, x = (x, pixels) if pixels is not x else (None, x)
     if path.suffix == ".npz":
         arrays = {"x": x.numpy()}
+        if latent is not None:
+            arrays["z"] = latent.numpy()
         if y is not None:
             arrays["y"] = y.numpy()
         _atomic_bytes(path, lambda buf: np.savez(buf, **arrays))

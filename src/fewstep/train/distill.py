@@ -18,7 +18,7 @@ import torch
 
 from fewstep.config import DistillRunConfig, to_dict
 from fewstep.core.guidance import null_label
-from fewstep.data import Dataset, load_dataset
+from fewstep.data import Dataset, dataset_from_record
 from fewstep.data.provenance import recorded_data
 from fewstep.errors import ConfigError, FewstepError
 from fewstep.losses import METHODS
@@ -129,7 +129,9 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
     if data is None:
         if not data_name:
             raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
-        data = load_dataset(data_name, conditional=getattr(teacher, "num_classes", 0) > 0)
+        # the recorded VAE too: a latent teacher distils in its latent space (hash checked)
+        data = dataset_from_record(tmeta.get("data") or {}, getattr(teacher, "num_classes", 0) > 0,
+                                   name=data_name)
     shape = tuple(tmeta.get("data", {}).get("shape") or data.shape)
     if tuple(data.shape) != shape:
         raise FewstepError(f"data '{data_name}' has samples of shape {tuple(data.shape)} but the "
@@ -294,7 +296,8 @@ def student_meta(run: Run) -> dict:
             "guidance": cfg.guidance,
             "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
             "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
-                     "num_classes": run.data.num_classes, **source_record(run.data.path)}}
+                     "num_classes": run.data.num_classes, **source_record(run.data.path),
+                     **run.data.latent_record()}}
 
 
 def export_model(run: Run, out: Path) -> None:

@@ -4,6 +4,12 @@ Pure statistics live in ``fewstep.metrics``; feature extractors in ``fewstep.met
 Floors (BENCHMARKS.md) are the same metric between two independent real sets of the evaluated
 size, over ``FLOOR_DRAWS`` fixed draws: ``mmd_floor`` = mean + 2 std (a threshold for an unbiased
 estimator centred on 0); every other ``*_floor`` is the plain mean.
+
+Latent data (a VAE): samples are decoded before any metric, so metrics are always on pixels, in the
+pixel data set's feature space. Beside the data floors, ``<metric>_vae_floor`` is the same floor
+with the train side replaced by its VAE reconstructions (what a generator that reproduces the
+training latents exactly would score), and ``fd_vae_recon`` the fd of decode(encode(reference set))
+against that set (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep import metrics as M
-from fewstep.data import Dataset, load_dataset
+from fewstep.data import Dataset, dataset_from_record, load_dataset
 from fewstep.data.provenance import recorded_data
 from fewstep.errors import FewstepError
 from fewstep.train.rng import generator
@@ -28,11 +34,22 @@ MMD_REF_N = 2000
 
 @dataclass
 class MetricSpace:
-    """How one data set is measured: its feature map and real sets for comparison and floors."""
+    """How one data set is measured: its feature map and real sets for comparison and floors.
+
+    ``data`` is always pixel (or vector) data; for latent data ``latent`` is the encoded data set and
+    :meth:`to_pixels` decodes generated latents."""
 
     data: Dataset
     features: callable
     name: str
+    latent: Dataset | None = None
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated samples in the space metrics are computed in (decoded for latent data)."""
+        if self.latent is None:
+            return x
+        with torch.no_grad():
+            return self.latent.decode(x)
 
     def real_pair(self, n: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two disjoint real sets of size ``n`` for floor draw ``i`` (train subset vs test for
@@ -48,13 +65,19 @@ class MetricSpace:
 
 
 def metric_space(data: Dataset) -> MetricSpace:
+    """The metric space of ``data`` (of its pixel data set for latent data)."""
     from fewstep.metrics import features as F
 
-    if data.name == "digits8":
-        return MetricSpace(data, F.digits_features, "digits feature network (128-d)")
-    if data.kind == "vector":
-        return MetricSpace(data, F.identity_features, "raw coordinates")
-    return MetricSpace(data, F.identity_features, "raw pixels")
+    latent = data if data.is_latent else None
+    pixels = data.pixels if data.is_latent else data
+    vae = f", decoded by the VAE in {data.vae.path}" if latent is not None else ""
+    if pixels.name == "digits8":
+        return MetricSpace(pixels, F.digits_features, f"digits feature network (128-d){vae}", latent)
+    if pixels.name == "mnist28" and tuple(pixels.shape) == (1, 28, 28):
+        return MetricSpace(pixels, F.mnist28_features, f"mnist28 feature network (128-d){vae}", latent)
+    if pixels.kind == "vector":
+        return MetricSpace(pixels, F.identity_features, "raw coordinates", latent)
+    return MetricSpace(pixels, F.identity_features, f"raw pixels{vae}", latent)
 
 
 def default_n(data: Dataset) -> int:
@@ -91,7 +114,7 @@ def feature_metrics(space: MetricSpace, real_f: torch.Tensor, fake_f: torch.Tens
 
 
 FLOOR_VERSION = 1  # bump when a metric or the floor protocol changes (invalidates the disk cache)
-BUILTIN = ("ring8", "grid25", "grid25c", "digits8")
+BUILTIN = ("ring8", "grid25", "grid25c", "digits8", "mnist28")
 
 
 def _floor_cache_path(space: MetricSpace, n: int):
@@ -130,6 +153,53 @@ def floors(space: MetricSpace, n: int) -> dict:
     return _FLOORS[key]
 
 
+_VAE_FLOORS: dict[tuple[str, str, int], dict] = {}
+
+
+def vae_floors(space: MetricSpace, n: int) -> dict:
+    """VAE floors of latent data at sample size ``n`` (``{}`` for pixel data).
+
+    ``<metric>_vae_floor``: mean over ``FLOOR_DRAWS`` of the metric between decode(encode(train
+    subset)) and the test subset of the data floor's draw i (the same images as ``floors``), so
+    ``fd_vae_floor - fd_floor`` is what the VAE costs a perfect latent generator.
+    ``fd_vae_recon``: fd of decode(encode(reference)) against the reference set itself (spec §2).
+    Cached in memory and, for built-in data, on disk keyed by the VAE's sha256."""
+    if space.latent is None or n > min(len(space.data.x_test), len(space.data.x_train)):
+        return {}
+    key = (space.data.name, space.latent.vae.sha256, n)
+    path = _floor_cache_path(space, n)
+    if path is not None:
+        path = path.with_name(path.name.replace(".json", f"-vae{space.latent.vae.sha256[:16]}.json"))
+    if key not in _VAE_FLOORS and path is not None and path.exists():
+        _VAE_FLOORS[key] = json.loads(path.read_text())
+    if key not in _VAE_FLOORS:
+        _VAE_FLOORS[key] = _compute_vae_floors(space, n)
+        _write_cache(path, _VAE_FLOORS[key])
+    return _VAE_FLOORS[key]
+
+
+def _compute_vae_floors(space: MetricSpace, n: int) -> dict:
+    latent, name = space.latent, space.data.name
+    draws = []
+    for i in range(FLOOR_DRAWS):
+        g = generator("floor", name, n, i)  # MetricSpace.real_pair's draws: same images, same order
+        z = latent.train_samples(n, g)[0]
+        b = space.data.test_samples(n, g)[0]
+        draws.append(feature_metrics(space, space.features(space.to_pixels(z)).double(),
+                                     space.features(b).double()))
+    out = {}
+    for metric in draws[0]:
+        if metric in ("diversity", "diversity_by_class"):
+            continue
+        vals = torch.tensor([d[metric] for d in draws], dtype=torch.float64)
+        out[f"{metric}_vae_floor"] = float(vals.mean() + 2 * vals.std()) if metric == "mmd" else \
+            float(vals.mean())
+    ref, _ = space.reference(n)
+    z_ref, _ = latent.test_samples(n, generator("reference", name, n))
+    out["fd_vae_recon"] = M.fd(space.features(ref).double(), space.features(space.to_pixels(z_ref)).double())
+    return out
+
+
 def _write_cache(path, value: dict) -> None:
     if path is None:
         return
@@ -143,8 +213,10 @@ def _write_cache(path, value: dict) -> None:
 
 
 def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors: bool = True) -> dict:
-    """Metrics of generated samples ``x [n, *shape]`` against the reference real set."""
+    """Metrics of generated samples ``x [n, *shape]`` against the reference real set (latent samples
+    are decoded first; their results carry the VAE floors too)."""
     n = len(x)
+    x = space.to_pixels(x)
     real, _ = space.reference(n)
     if len(real) < n:
         raise FewstepError(f"only {len(real)} real test samples; evaluate with --n {len(real)} or fewer")
@@ -157,6 +229,9 @@ def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors:
                                             mix.weights))
     if with_floors:
         out.update(floors(space, n))
+        out.update(vae_floors(space, n))
+    if space.latent is not None:
+        out["vae"] = str(space.latent.vae.path)
     out["n_samples"] = n
     return out
 
@@ -173,12 +248,12 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
 
     device = resolve_device(device)
     gen = load_generator(path, device)
-    data_name = recorded_data(gen.meta.get("data"), path, override=data)
+    data_name = recorded_data(gen.meta.get("data"), path, override=data)  # path + hash checked
     if not data_name:
         raise FewstepError("this model does not record its data set; pass --data NAME|PATH")
-    dataset = load_dataset(data_name, conditional=gen.num_classes > 0)
+    dataset = dataset_from_record(gen.meta.get("data", {}), gen.num_classes > 0, name=data_name)
     space = metric_space(dataset)
-    n = n or default_n(dataset)
+    n = n or default_n(space.data)
     if repeats < 1:
         raise FewstepError(f"--repeats must be at least 1, got {repeats}")
     gen.sample(min(n, 16), seed=seed + 999, nfe=nfe, sampler=sampler, device=device, guidance=guidance)
@@ -196,7 +271,7 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
     out = average_runs(runs)
     if fid:  # standard FID on the first generated set only (Inception is slow on a CPU)
         t0 = time.perf_counter()
-        out.update(fid_metrics(space, x_first))
+        out.update(fid_metrics(space, space.to_pixels(x_first)))
         out["fid_s"] = round(time.perf_counter() - t0, 3)
     out.update({"nfe": gen.nfe(nfe, sampler, guidance), "guidance": guidance,
                 "samples_per_sec": repeats * n / sample_s,
@@ -304,10 +379,10 @@ def in_training_evaluator(cfg):
 
     def evaluate(model, step: int) -> dict:
         if "data" not in cache:
-            cache["data"] = load_dataset(_data_name(cfg), conditional=model.num_classes > 0)
+            cache["data"] = _run_dataset(cfg, conditional=model.num_classes > 0)
         data = cache["data"]
         space = metric_space(data)
-        n = min(cfg.train.eval_n, default_n(data))
+        n = min(cfg.train.eval_n, default_n(space.data))
         role = "student" if hasattr(model, "num_steps") else "teacher"
         sample = getattr(cfg, "sample", None)
         gen = Generator(model=model, meta={"data": {"shape": list(data.shape)},
@@ -323,19 +398,23 @@ def in_training_evaluator(cfg):
     return evaluate
 
 
-def _data_name(cfg) -> str:
-    """The run's data set: ``data.name``, or for distillation the teacher's recorded data."""
+def _run_dataset(cfg, conditional: bool) -> Dataset:
+    """The run's data set: ``data.name`` (through ``data.vae`` if set), or for distillation the
+    teacher's recorded data (its VAE included)."""
+    vae = getattr(cfg.data, "vae", "") or None
     if cfg.data.name:
-        return cfg.data.name
+        return load_dataset(cfg.data.name, conditional=conditional, vae=vae)
     from fewstep.models.io import read_model_json
 
-    name = recorded_data(read_model_json(cfg.teacher)[1].get("data"), cfg.teacher)
+    section = read_model_json(cfg.teacher)[1].get("data", {})
+    name = recorded_data(section, cfg.teacher)
     if not name:
         raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
-    return name
+    return dataset_from_record(section, conditional, name=name)
 
 
-_ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fid", "fid_floor", "kid", "kid_floor", "mmd", "mmd_floor",
+_ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fd_vae_recon", "fid", "fid_floor", "kid", "kid_floor", "mmd",
+          "mmd_floor",
           "precision", "precision_floor", "recall", "recall_floor", "density", "density_floor",
           "coverage", "coverage_floor", "diversity", "modes_covered", "modes_covered_any",
           "modes_total", "hq_rate", "mode_mass_tv", "class_modes_covered", "class_modes_covered_min",
@@ -353,7 +432,10 @@ def format_table(metrics: dict) -> str:
             val = f"{v:.5g}" if isinstance(v, float) else str(v)
             if f"{key}_std" in metrics:
                 val += f" ± {metrics[key + '_std']:.2g}"
-            rows.append((key, val, "" if floor is None else f"floor {floor:.5g}"))
+            floor_text = "" if floor is None else f"floor {floor:.5g}"
+            if isinstance(metrics.get(f"{key}_vae_floor"), float):
+                floor_text += f", vae floor {metrics[key + '_vae_floor']:.5g}"
+            rows.append((key, val, floor_text))
     width = max(len(r[0]) for r in rows)
     head = f"{metrics.get('model', '')}  [{metrics.get('metric_space', '')}]"
     return "\n".join([head] + [f"  {k:<{width}}  {v:>12}  {f}" for k, v, f in rows])

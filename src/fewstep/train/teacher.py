@@ -42,7 +42,7 @@ def describe_data(data: Dataset) -> dict:
     from fewstep.data.provenance import source_record
 
     return {"name": data.name, "kind": data.kind, "shape": list(data.shape),
-            "num_classes": data.num_classes, **source_record(data.path)}
+            "num_classes": data.num_classes, **source_record(data.path), **data.latent_record()}
 
 
 def model_spec(cfg: TeacherRunConfig, data: Dataset) -> dict:
@@ -209,7 +209,7 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
     Under torchrun every process calls this; rank 0 writes the files.
     """
     with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
-        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional)
+        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional, vae=cfg.data.vae or None)
         spec, net = build_teacher_net(cfg, data)
         net = net.to(device)
         state = TeacherState(net, copy.deepcopy(net).requires_grad_(False),

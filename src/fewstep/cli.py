@@ -393,6 +393,7 @@ def cmd_convert(args) -> int:
     n = sum(p.numel() for p in D.parameters())
     print(f"{meta['class_name']} / {meta['model_type']} ({n / 1e6:.2f} M parameters, samples "
           f"{meta['data']['shape']}, {meta['data']['num_classes']} classes) written to {args.out}")
+    return 0
 
 
 def cmd_vae(args) -> int:

@@ -575,3 +575,23 @@ def test_dmd_gan_head_and_cd_on_a_pickle_teacher(tmp_path):
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     at_min = torch.full((2,), G.boundary_sigma_min, dtype=torch.float64)
     assert G.spec["boundary"] and torch.equal(G(x, at_min), x)
+
+
+@pytest.mark.parametrize("case,label_dim", [("edm_adm_cond", 10), ("edm_adm_cond", 0),
+                                            ("edm_ncsnpp_cond", 10), ("vp_ddpmpp_uncond", 0)],
+                         ids=["adm-edm-cond", "adm-edm-uncond", "ncsnpp-edm-cond", "ddpmpp-vp-uncond"])
+def test_sid_with_el_distills_every_architecture_and_precond(tmp_path, case, label_dim):
+    """Issue 18's command, `distill --teacher X.pkl --method sid --extra el=1`, on DhariwalUNet and
+    SongUNet pickles with EDM and VP preconditioning, conditional and not."""
+    cls, _, channels, extra = CASES[case]
+    kwargs = {"img_resolution": 8, "img_channels": channels, "label_dim": label_dim, "use_fp16": False,
+              **copy.deepcopy(extra)}
+    torch.manual_seed(0)
+    D = _perturb(cls(**kwargs))
+    pkl = write_edm_pickle(tmp_path / f"{case}.pkl", D, kwargs, tmp_path / "SRC")
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(pkl), "--method", "sid", "--extra", "el=1", "--out", str(out),
+                 "--iters", "2", "--batch", "8", "--no-progress", "train.eval_n=16", "train.eval_every=0",
+                 "data.name=digits8"]) == 0
+    meta = json.loads((out / "model.json").read_text())["meta"]
+    assert meta["data"]["num_classes"] == label_dim and not (tmp_path / "SRC").exists()

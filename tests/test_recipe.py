@@ -62,3 +62,20 @@ def test_teacher_recipe_equals_the_cli(capsys):
     out = _cli(capsys, ["teacher", "--data", "digits8", "--out", "unused", "--iters", "5", "--dry-run",
                         "model.channels=[8,16]"])
     assert out == dump_yaml(teacher_config("digits8", ["model.channels=[8,16]", "train.iters=5"]))
+
+
+def test_a_setting_added_later_does_not_orphan_older_runs():
+    """A run directory written before a setting existed resumes (or counts as done) while the new
+    setting keeps its default, and is refused once the user asks for another value."""
+    from fewstep.config import DistillRunConfig, to_dict
+    from fewstep.train.rundir import config_differences
+
+    defaults = to_dict(DistillRunConfig())
+    new = to_dict(DistillRunConfig())
+    old = to_dict(DistillRunConfig())
+    del old["dmd"]["normalizer"], old["fdistill"]  # as written by an older fewstep
+    assert config_differences(old, new, defaults) == []
+    assert config_differences(old, new) == sorted(["dmd.normalizer", *(f"fdistill.{k}" for k in
+                                                                      defaults["fdistill"])])
+    new["dmd"]["normalizer"] = "batch"
+    assert config_differences(old, new, defaults) == ["dmd.normalizer"]

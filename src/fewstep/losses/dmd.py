@@ -21,6 +21,7 @@ from fewstep.core.guidance import guided
 from fewstep.core.precond import edm_denoising_loss
 from fewstep.core.sampling import karras_sigmas, sample_heun
 from fewstep.core.utils import append_dims, mean_flat
+from fewstep.errors import ConfigError
 from fewstep.losses.base import (
     Batch,
     GenOut,
@@ -46,6 +47,8 @@ class DMDConfig:
     gan_gen_weight: float = 0.0   # DMD2 gen_cls_loss_weight (0 = no GAN head)
     gan_disc_weight: float = 1e-2  # DMD2 cls_loss_weight for the critic's GAN loss
     gan_max_index: int = 1000     # diffusion-GAN noising: index ~ U{0..gan_max_index-1}
+    normalizer: str = "sample"    # the gradient's divisor mean|x - D_real|: per sample (DMD2) | batch
+    #                               (its mean over the processes' batches) | none (1); issue 20.2
     reg_weight: float = 0.0       # DMD v1 regression weight (0 = off; paper: 0.25 with LPIPS)
     reg_pairs: int = 256          # teacher ODE pairs precomputed for the regression term
     reg_batch: int = 64           # pairs per generator update
@@ -53,6 +56,15 @@ class DMDConfig:
 
     def check(self) -> None:
         check_non_negative(self, "dmd", NON_NEGATIVE)
+        check_normalizer(self, "dmd")
+
+
+NORMALIZERS = ("sample", "batch", "none")
+
+
+def check_normalizer(cfg, section: str) -> None:
+    if cfg.normalizer not in NORMALIZERS:
+        raise ConfigError(f"{section}.normalizer='{cfg.normalizer}'; choose one of {', '.join(NORMALIZERS)}")
 
 
 NON_NEGATIVE = ("min_step", "gan_gen_weight", "gan_disc_weight", "reg_weight", "reg_pairs", "reg_batch")
@@ -63,13 +75,22 @@ def ascending_grid(n: int = 1000) -> torch.Tensor:
     return karras_sigmas(n, append_zero=False).flip(0)
 
 
-def dm_gradient(x, sigma, eps, D_real_fn, D_fake_fn, cond) -> tuple[torch.Tensor, torch.Tensor]:
-    """DMD gradient ``g [B, ...]`` and normaliser ``w [B]`` at noise ``x + sigma eps`` (no grad)."""
+def dm_gradient(x, sigma, eps, D_real_fn, D_fake_fn, cond, normalizer: str = "sample",
+                all_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMD gradient ``g [B, ...]`` and normaliser ``w [B]`` at noise ``x + sigma eps`` (no grad).
+
+    ``normalizer``: ``sample`` divides each sample by its own ``mean|x - D_real|`` (DMD2); ``batch``
+    by that quantity's mean over the processes' batches (``all_mean``), which keeps samples near
+    the data mean at large sigma from dominating in low dimension; ``none`` divides by 1."""
     with torch.no_grad():
         x_sigma = x + append_dims(sigma, x.ndim) * eps
         D_real = D_real_fn(x_sigma, sigma, cond)
         D_fake = D_fake_fn(x_sigma, sigma, cond)
         w = mean_flat((x - D_real).abs())  # CS / ||mu_real - x||_1, no epsilon (dmd.md 2.1)
+        if normalizer == "batch":
+            w = (all_mean or (lambda t: t))(w.mean()).expand_as(w)
+        elif normalizer == "none":
+            w = torch.ones_like(w)
         g = torch.nan_to_num((D_fake - D_real) / append_dims(w, x.ndim))
     return g, w
 
@@ -90,7 +111,7 @@ class DistributionMatching(Term):
         sigma = self.K[idx.cpu()].to(x)
         eps = batch.rnd.randn("dm_noise", *x.shape[1:]).to(x)
         real = guided(nets.teacher, self.guidance, self.null)
-        g, w = dm_gradient(x, sigma, eps, real, nets.fake, batch.cond)
+        g, w = dm_gradient(x, sigma, eps, real, nets.fake, batch.cond, self.cfg.normalizer, batch.all_mean)
         loss = 0.5 * mean_flat((x - (x - g).detach()) ** 2)
         return LossOutput(loss, {"dm": loss.mean().detach(), "dm_norm_w": w.mean()})
 

@@ -57,6 +57,7 @@ class FDistillConfig(dmd.DMDConfig):
 
     def check(self) -> None:
         check_non_negative(self, "fdistill", dmd.NON_NEGATIVE)
+        dmd.check_normalizer(self, "fdistill")
         if self.f_div not in H:
             raise ConfigError(f"fdistill.f_div='{self.f_div}'; choose one of {', '.join(H)}")
         if self.gan_gen_weight <= 0:
@@ -86,7 +87,7 @@ class FDistillMatching(Term):
         path = bottleneck_path(nets.fake)
         with capture(nets.fake, [path]) as feats:  # the head sees D_fake's own forward pass
             real = guided(nets.teacher, self.guidance, self.null)
-            g, w = dmd.dm_gradient(x, sigma, eps, real, nets.fake, batch.cond)
+            g, w = dmd.dm_gradient(x, sigma, eps, real, nets.fake, batch.cond, cfg.normalizer, batch.all_mean)
         with torch.no_grad():
             logit = nets.head(feats[path]).float()
         h, r = self.weights(logit, idx.cpu(), batch.all_mean)

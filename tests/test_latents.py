@@ -183,3 +183,21 @@ def test_cli_vae_teacher_eval_sample_on_latents(vae_dir, tmp_path, capsys):
     assert smeta["data"]["vae"] == meta["data"]["vae"] and smeta["data"]["shape"] == [4, 7, 7]
     assert main(["eval", str(s), "--n", "40", "--json", str(tmp_path / "ms.json")]) == 0
     assert "fd_vae_floor" in json.loads((tmp_path / "ms.json").read_text())
+
+    # Embedding Loss on decoded pixels: the random networks see 1x28x28 images and the gradient
+    # reaches the latent student through the decoder
+    e = tmp_path / "student-el-pixels"
+    assert main(["distill", "--teacher", str(t), "--method", "dmd", "--extra", "el=1", "--out", str(e),
+                 "--iters", "2", "--batch", "8", "--no-progress", "train.eval_n=20", "schedule.ratio=1",
+                 "train.log_every=1", "el.space=pixels", "el.calib_steps=1", "el.K=1"]) == 0
+    lines = [json.loads(x) for x in (e / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("gradnorm_el", 0) > 0 for r in lines), lines
+    from fewstep.config import DistillRunConfig, resolve
+    from fewstep.losses import el as el_mod
+    from fewstep.losses.base import Context
+
+    cfg = resolve(DistillRunConfig, {}, ["el.space=pixels"]).el
+    ctx = Context(0.5, (4, 7, 7), 0, "image", 0, 1, decode=lambda z: z, pixel_shape=(1, 28, 28))
+    assert el_mod.build(cfg, ctx, 1.0).terms[0].shape == (1, 28, 28)
+    ctx.decode = None  # pixel data: the switch changes nothing
+    assert el_mod.build(cfg, ctx, 1.0).terms[0].shape == (4, 7, 7)

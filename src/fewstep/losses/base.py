@@ -109,6 +109,9 @@ class Context:
     guidance: float = 1.0                  # the run's classifier-free guidance scale (--guidance; 1 = off)
     null_cond: int | None = None           # the teacher's null label (core.guidance.null_label);
     #                                        None: it has no unconditional branch
+    decode: Callable | None = None         # latent data: scaled latents -> pixels (differentiable,
+    #                                        the VAE decoder); None for pixel and vector data
+    pixel_shape: tuple | None = None       # latent data: the decoded sample shape
 
 
 class Term:

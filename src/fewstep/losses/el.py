@@ -25,6 +25,7 @@ from fewstep.models.embed import check_pool, draw_networks
 
 KERNELS = ("gauss", "linear")
 STANDARDIZE = ("pooled", "real", "sigma_data", "none")
+SPACES = ("latent", "pixels")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ELConfig:
     calib_steps: int = 20        # generator updates with a finite ratio before lambda freezes
     calib_c: float = 0.3         # c in lambda = c * median(g_base / g_EL)
     log_grads_every: int = 0     # after calibration, log g_base/g_EL/cosine every N updates (0 = off)
+    space: str = "latent"        # latent students: the random networks see latents | pixels (decoded
+    #                              by the VAE, gradient through the decoder; flow_and_latent.md 2).
+    #                              Default = today's behaviour: the two have not been compared yet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +133,7 @@ class ELTerm(Term):
         self.frozen: float | None = None     # c * median(ratios) once calibrated
         self.updates = 0                     # generator updates seen (for log_grads_every)
         self._fixed, self._logs = None, {}
+        self.decode = None                   # latents -> pixels when el.space=pixels (set by build)
 
     def networks(self, batch: Batch, device) -> list:
         """K networks seeded from ``(seed, step, k)``, or the iteration-0 draw when not redrawing."""
@@ -145,6 +150,10 @@ class ELTerm(Term):
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
         x_fake, x_real = gen.x, batch.real.to(gen.x.device).detach()
+        if self.decode is not None:  # random networks on decoded pixels, gradient through the decoder
+            x_fake = self.decode(x_fake)
+            with torch.no_grad():
+                x_real = self.decode(x_real)
         if min(len(x_fake), len(x_real)) < 2:
             raise FewstepError("el needs at least 2 samples per process (unbiased MMD); raise train.batch")
         if self.kind == "vector":
@@ -197,9 +206,16 @@ def check_config(cfg: ELConfig, kind: str) -> None:
 
 
 def build(cfg: ELConfig, ctx, weight: float) -> Method:
-    """EL as an extra: one generator term, weight from ``--extra el=WEIGHT``."""
-    check_config(cfg, ctx.kind)
-    return Method(terms=[ELTerm(cfg, ctx.kind, ctx.shape, ctx.sigma_data, weight)])
+    """EL as an extra: one generator term, weight from ``--extra el=WEIGHT``; with ``el.space=pixels``
+    on latent data the random networks are drawn for, and fed, decoded pixels."""
+    if cfg.space not in SPACES:
+        raise ConfigError(f"el.space='{cfg.space}'; choose one of {', '.join(SPACES)}")
+    pixels = cfg.space == "pixels" and ctx.decode is not None
+    kind, shape = ("image", ctx.pixel_shape) if pixels else (ctx.kind, ctx.shape)
+    check_config(cfg, kind)
+    term = ELTerm(cfg, kind, shape, ctx.sigma_data, weight)
+    term.decode = ctx.decode if pixels else None
+    return Method(terms=[term])
 
 
 METHOD = MethodEntry(ELConfig, build, kind="extra")

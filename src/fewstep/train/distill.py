@@ -144,6 +144,8 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
                   num_classes=classes, kind=data.kind, seed=cfg.train.seed, iters=cfg.train.iters,
                   teacher=teacher, guidance=cfg.guidance, null_cond=null_label(teacher))
     ctx.bottleneck_channels, ctx.bottleneck_spatial = _probe_bottleneck(teacher, shape, device)
+    if data.is_latent:
+        ctx.decode, ctx.pixel_shape = data.decode, tuple(data.pixels.shape)
     methods = [METHODS[cfg.method].make(getattr(cfg, cfg.method), ctx)]
     methods += [METHODS[name].make(getattr(cfg, name), ctx, w) for name, w in cfg.extras.items()]
     run = _assemble(cfg, data, teacher, methods, device)

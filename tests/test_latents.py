@@ -201,3 +201,15 @@ def test_cli_vae_teacher_eval_sample_on_latents(vae_dir, tmp_path, capsys):
     assert el_mod.build(cfg, ctx, 1.0).terms[0].shape == (1, 28, 28)
     ctx.decode = None  # pixel data: the switch changes nothing
     assert el_mod.build(cfg, ctx, 1.0).terms[0].shape == (4, 7, 7)
+
+    # the README's latent flow path in miniature: vae -> teacher --objective flow -> distill -> eval -> report
+    ft, fs = tmp_path / "flow-teacher", tmp_path / "flow-student"
+    assert main(["teacher", "--data", "mnist28", "--objective", "flow", "--out", str(ft), "--iters", "3",
+                 "--no-progress", f"data.vae={vae}", "model.channels=[16,32]", "train.batch=16",
+                 "train.eval_n=20", "sample.nfe=3"]) == 0
+    assert json.loads((ft / "model.json").read_text())["spec"]["objective"] == "flow"
+    assert main(["distill", "--teacher", str(ft), "--method", "sid", "--out", str(fs), "--iters", "2",
+                 "--batch", "8", "--no-progress", "train.eval_n=20"]) == 0
+    assert main(["eval", str(fs), "--n", "20", "--json", str(tmp_path / "fs.json")]) == 0
+    assert "fd_vae_floor" in json.loads((tmp_path / "fs.json").read_text())
+    assert main(["report", str(ft), str(fs), "--out", str(tmp_path / "report")]) == 0

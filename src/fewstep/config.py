@@ -147,15 +147,8 @@ class DistillSettings:
     train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
 
     def check(self) -> None:
-        from fewstep.losses import BASES, EXTRAS
-
-        if self.method not in BASES:
-            raise ConfigError(f"unknown method '{self.method}'; choose one of {', '.join(BASES)}")
+        check_method_names(self.method, self.extras)
         for name, weight in self.extras.items():
-            if name not in EXTRAS:
-                near = difflib.get_close_matches(name, list(EXTRAS), n=1)
-                hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
-                raise ConfigError(f"unknown extra '{name}'{hint}")
             if not weight >= 0 or weight == float("inf"):
                 raise ConfigError(f"extra weight {name}={weight} must be a finite number >= 0, "
                                   f"e.g. --extra {name}=0.5")
@@ -176,6 +169,19 @@ class DistillSettings:
         for name in (self.method, *self.extras):  # rules a method has on the shared sections
             if METHODS[name].check is not None:
                 METHODS[name].check(self)
+
+
+def check_method_names(method: str, extras) -> None:
+    """A registered base and registered extras, else a one-line error that suggests the nearest."""
+    from fewstep.losses import BASES, EXTRAS
+
+    if method not in BASES:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(BASES)}")
+    for name in extras:
+        if name not in EXTRAS:
+            near = difflib.get_close_matches(name, list(EXTRAS), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
+            raise ConfigError(f"unknown extra '{name}'{hint}")
 
 
 def _with_method_sections(settings: type) -> type:

@@ -10,11 +10,16 @@ teachers. The CLI, ``fewstep bench`` / ``perf`` and library users all call these
 
 from __future__ import annotations
 
-import difflib
-
-from fewstep.config import PRESET_DIR, DistillRunConfig, TeacherRunConfig, load_preset, resolve
-from fewstep.errors import ConfigError, FewstepError
-from fewstep.losses import BASES, EXTRAS, METHODS
+from fewstep.config import (
+    PRESET_DIR,
+    DistillRunConfig,
+    TeacherRunConfig,
+    check_method_names,
+    load_preset,
+    resolve,
+)
+from fewstep.errors import FewstepError
+from fewstep.losses import METHODS
 
 
 def _merge(into: dict, section: dict) -> dict:
@@ -34,16 +39,6 @@ def teacher_data_name(teacher: str) -> str:
         return ""
 
 
-def _check_names(method: str, extras: dict) -> None:
-    if method not in BASES:
-        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(BASES)}")
-    for name in extras:
-        if name not in EXTRAS:
-            near = difflib.get_close_matches(name, list(EXTRAS), n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; available: {', '.join(EXTRAS)}"
-            raise ConfigError(f"unknown extra '{name}'{hint}")
-
-
 def distill_presets(data: str, method: str) -> list[str]:
     """The built-in presets that apply to a teacher trained on ``data`` and a base ``method``."""
     names = ("distill_default", f"distill_{data}", f"distill_{data}_{method}")
@@ -55,7 +50,7 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
     """The resolved, validated config of ``fewstep distill --teacher T --method M [--extra e=w ...]
     [key=value ...]``; ``preset`` replaces the built-in presets by one preset name or YAML path."""
     extras = dict(extras or {})
-    _check_names(method, extras)
+    check_method_names(method, extras)  # before reading their defaults
     base: dict = {}
     for name in (method, *extras):
         _merge(base, {k: dict(v) for k, v in METHODS[name].defaults.items()})

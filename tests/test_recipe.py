@@ -79,3 +79,13 @@ def test_a_setting_added_later_does_not_orphan_older_runs():
                                                                       defaults["fdistill"])])
     new["dmd"]["normalizer"] = "batch"
     assert config_differences(old, new, defaults) == ["dmd.normalizer"]
+
+
+def test_teacher_given_by_relative_path_is_recorded_absolute(teacher, monkeypatch):
+    # A run started with `--teacher rel/dir` must resume with `--teacher /abs/dir` (and the other
+    # way round) and be evaluated from another working directory.
+    from pathlib import Path
+    monkeypatch.chdir(Path(teacher).parent.parent)
+    rel = str(Path(Path(teacher).parent.name) / Path(teacher).name)
+    assert distill_config(rel, "dmd").teacher == str(Path(teacher).resolve())
+    assert distill_config(rel, "dmd") == distill_config(teacher, "dmd")

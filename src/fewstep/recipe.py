@@ -10,6 +10,8 @@ teachers. The CLI, ``fewstep bench`` / ``perf`` and library users all call these
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fewstep.config import (
     PRESET_DIR,
     DistillRunConfig,
@@ -58,7 +60,9 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
         _merge(base, load_preset(name))
     fixed = [f"teacher={teacher}", f"method={method}", *(f"extras.{k}={v}" for k, v in extras.items())]
     cfg = resolve(DistillRunConfig, base, fixed + list(overrides))
-    cfg.teacher = str(teacher)  # keep paths verbatim (YAML parsing could mangle them)
+    # Verbatim (YAML parsing could mangle paths), and absolute when it exists: the run then resumes
+    # and evaluates from any working directory, and `--teacher d` equals `--teacher /abs/d`.
+    cfg.teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
     return cfg
 
 

@@ -4,6 +4,7 @@ conditions), plus DPM-Solver++ against the exact ODE."""
 import json
 import math
 
+import pytest
 import torch
 
 from fewstep.bench.report import write_bench_report
@@ -98,3 +99,12 @@ def test_sampling_ratios_follow_the_nfe(tmp_path):
     ref, other = timed.values()
     assert math.isclose(ref["ratio"], 1.0)
     assert 2.0 < other["ratio"] < 6.0, other
+
+
+def test_bench_help_lists_every_suite(capsys):
+    from fewstep.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in SUITES)

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (new or empty)")
 
     p = sub.add_parser("bench", help="run a benchmark suite (cached, resumable) and report it")
-    p.add_argument("--suite", required=True, help="quick | full | el | dp | tfd | guidance")
+    from fewstep.bench.suites import SUITES  # the help lists exactly the suites that exist
+
+    p.add_argument("--suite", required=True, help=" | ".join(SUITES))
     p.add_argument("--out", required=True, help="suite directory (re-run to resume)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per arm, ablations included (claim and full suites)")
     p.add_argument("--digits-seeds", type=int, default=None,
                    help="seeds per digits8 arm in the claim suites (default: --seeds; each digits8 "
-                        "seed costs el ~55 min, dp ~20 min, tfd ~20 min of process time)")
+                        "seed costs el ~55 min, dp ~20 min, tfd ~20 min of process time; 0 = none)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="the whole story on ring8 (+ a digits8 teacher) in ~10 minutes")

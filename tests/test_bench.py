@@ -108,3 +108,12 @@ def test_bench_help_lists_every_suite(capsys):
         main(["bench", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert all(name in out for name in SUITES)
+
+
+def test_digits_seeds_zero_drops_digits8_and_keeps_the_rest():
+    from fewstep.bench.run import suite_jobs
+
+    full, none = suite_jobs("guidance", 1, 1), suite_jobs("guidance", 1, 0)
+    assert any(j.tags["data"] == "digits8" for j in full)
+    assert none and all(j.tags["data"] != "digits8" for j in none)
+    assert {j.name for j in none} == {j.name for j in full if j.tags["data"] != "digits8"}

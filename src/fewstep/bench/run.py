@@ -8,6 +8,22 @@ from pathlib import Path
 from fewstep.errors import FewstepError
 
 
+def suite_jobs(suite: str, seeds: int, digits_seeds: int) -> list:
+    """The jobs of ``suite`` with ``seeds`` training seeds per arm (``digits_seeds`` for digits8 arms;
+    0 drops digits8 altogether: its teacher, evaluations and perf jobs)."""
+    from fewstep.bench.suites import SUITES
+
+    build = SUITES[suite]
+    params = inspect.signature(build).parameters
+    kwargs = {"seeds": tuple(range(seeds))} if "seeds" in params else {}
+    if "digits_seeds" in params:
+        kwargs["digits_seeds"] = tuple(range(digits_seeds))
+    job_list = build(**kwargs)
+    if digits_seeds == 0:
+        job_list = [j for j in job_list if not str(j.tags.get("data", "")).startswith("digits8")]
+    return job_list
+
+
 def run_suite(suite: str, root: Path, jobs: int = 2, threads: int = 1, seeds: int = 3,
               digits_seeds: int | None = None, progress: bool = True) -> tuple[int, int, str]:
     """Run suite ``suite`` into ``root`` (cached and resumable); returns ``(done, total, summary)``."""
@@ -22,16 +38,11 @@ def run_suite(suite: str, root: Path, jobs: int = 2, threads: int = 1, seeds: in
     if jobs < 1 or threads < 1:
         raise FewstepError("--jobs and --threads must be at least 1")
     digits_seeds = seeds if digits_seeds is None else digits_seeds
-    if seeds < 1 or digits_seeds < 1:
-        raise FewstepError(f"--seeds and --digits-seeds must be at least 1, got {seeds} and "
-                           f"{digits_seeds}")
+    if seeds < 1 or digits_seeds < 0:
+        raise FewstepError(f"--seeds must be at least 1 and --digits-seeds at least 0, got {seeds} "
+                           f"and {digits_seeds}")
     ensure_writable_dir(root)
-    build = SUITES[suite]
-    params = inspect.signature(build).parameters
-    kwargs = {"seeds": tuple(range(seeds))} if "seeds" in params else {}
-    if "digits_seeds" in params:
-        kwargs["digits_seeds"] = tuple(range(digits_seeds))
-    job_list = build(**kwargs)
+    job_list = suite_jobs(suite, seeds, digits_seeds)
     records = run_jobs(job_list, root, parallel=jobs, threads=threads, progress=progress)
     md, page = write_bench_report(suite, job_list, records, root)
     command = f"fewstep bench --suite {suite} --out {root} --seeds {seeds}" + \

@@ -160,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perf", help="sampling and training speed as ratios, measured in one process")
     p.add_argument("--teacher", required=True, help="teacher directory")
     p.add_argument("--students", nargs="*", default=[], help="student directories")
-    p.add_argument("--methods", nargs="*", default=["dmd"],
-                   help="method specs to time, e.g. dmd dmd+el dmd+dp@4 di sid cd tfd")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="method specs to time, e.g. dmd dmd+el dmd+dp@4 di sid cd tfd (default: dmd; "
+                        "with --bare: dmd sid di)")
+    p.add_argument("--bare", action="store_true",
+                   help="time the engine against a plain PyTorch loop of the same network passes "
+                        "(bench/bare.py; 1-step dmd, sid, di) and report the overhead ratio only")
     p.add_argument("--batch", type=int, help="training batch for the timing (default: presets)")
     p.add_argument("--json", required=True, help="output JSON file")
 
@@ -352,10 +356,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_perf(args) -> int:
-    from fewstep.bench.perf import perf_report
+    from fewstep.bench.bare import BARE_METHODS
+    from fewstep.bench.perf import method_configs, perf_report, time_bare
     from fewstep.train.rundir import atomic_write_text
 
-    result = perf_report(args.teacher, args.students, args.methods, args.batch)
+    if args.bare:
+        methods = args.methods or list(BARE_METHODS)
+        result = {"bare": time_bare(method_configs(args.teacher, methods, args.batch)),
+                  "threads": __import__("torch").get_num_threads()}
+    else:
+        result = perf_report(args.teacher, args.students, args.methods or ["dmd"], args.batch)
     atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

@@ -66,6 +66,40 @@ def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def time_bare(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
+    """Engine vs bare loop (``bench/bare.py``) for each resolved config: median seconds per
+    iteration of each, timed in alternating rounds on two runs built alike, and their ratio."""
+    from fewstep.bench.bare import BareLoop, check_bare
+    from fewstep.train.distill import build_run, setup_methods, train_iteration
+
+    pairs = {}
+    for name, cfg in configs.items():
+        check_bare(cfg)
+        engine, bare_run = build_run(cfg, torch.device("cpu")), build_run(cfg, torch.device("cpu"))
+        setup_methods(engine)
+        setup_methods(bare_run)
+        pairs[name] = (lambda r=engine: train_iteration(r), BareLoop(bare_run))
+    times = {n: ([], []) for n in pairs}
+    for name, fns in pairs.items():  # warm-up: one full update cycle each
+        for fn in fns:
+            for _ in range(configs[name].schedule.ratio):
+                fn()
+    for _ in range(rounds):
+        for name, fns in pairs.items():
+            n = max(iters // configs[name].schedule.ratio, 1) * configs[name].schedule.ratio
+            for fn, out in zip(fns, times[name]):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                out.append((time.perf_counter() - t0) / n)
+    result = {}
+    for name, (te, tb) in times.items():
+        e, b = statistics.median(te), statistics.median(tb)
+        result[name] = {"engine_s_per_iter": e, "bare_s_per_iter": b,
+                        "ratio": statistics.median(x / y for x, y in zip(te, tb))}
+    return result
+
+
 def method_configs(teacher: str, specs: list[str], batch: int | None = None) -> dict:
     """``"dmd+el"`` / ``"dmd+dp@4"`` / ``"tfd|tfd.coverage=false"`` -> resolved configs (method
     defaults + the teacher's presets + overrides after ``|``)."""

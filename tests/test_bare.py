@@ -61,3 +61,26 @@ def test_perf_bare_cli_writes_ratios(teacher, tmp_path, capsys):
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())["bare"]["dmd"]
     assert r["engine_s_per_iter"] > 0 and r["bare_s_per_iter"] > 0 and r["ratio"] > 0
+
+
+def test_profile_labels_every_piece_and_change_nothing(teacher):
+    from fewstep.bench.profile import labelled_run, profile_iterations
+
+    cfg = distill_config(teacher, "dmd", {"el": 1.0}, ["train.batch=16"])
+    prof = profile_iterations(cfg, iters=5)
+    assert {"term:dm", "term:fake", "term:el", "rollout", "data:batch", "optim:step+clip+sync"} <= \
+        set(prof["pieces"])
+    assert prof["backward"] > 0 and {"student", "fake", "teacher"} <= set(prof["networks"])
+    # the labels are transparent: a labelled run trains bit for bit like a plain one
+    a, b = build_run(cfg, torch.device("cpu")), build_run(cfg, torch.device("cpu"))
+    setup_methods(a)
+    setup_methods(b)
+    terms = [t for m in b.methods for t in m.terms]
+    with labelled_run(b):
+        for _ in range(6):
+            train_iteration(b)
+    for _ in range(6):
+        train_iteration(a)
+    assert [t for m in b.methods for t in m.terms] == terms  # restored
+    for (k, x), y in zip(a.nets.student.state_dict().items(), b.nets.student.state_dict().values()):
+        assert torch.equal(x, y), k

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bare", action="store_true",
                    help="time the engine against a plain PyTorch loop of the same network passes "
                         "(bench/bare.py; 1-step dmd, sid, di) and report the overhead ratio only")
+    p.add_argument("--profile", action="store_true",
+                   help="where an iteration of each method spends its time (torch.profiler; "
+                        "bench/profile.py): ms per iteration of data, rollout, each loss term, "
+                        "backward, optimiser, EMA and the rest")
     p.add_argument("--batch", type=int, help="training batch for the timing (default: presets)")
     p.add_argument("--json", required=True, help="output JSON file")
 
@@ -360,7 +364,15 @@ def cmd_perf(args) -> int:
     from fewstep.bench.perf import method_configs, perf_report, time_bare
     from fewstep.train.rundir import atomic_write_text
 
-    if args.bare:
+    if args.bare and args.profile:
+        raise FewstepError("choose one of --bare and --profile")
+    if args.profile:
+        from fewstep.bench.profile import profile_iterations
+
+        configs = method_configs(args.teacher, args.methods or ["dmd"], args.batch)
+        result = {"profile": {m: profile_iterations(c) for m, c in configs.items()},
+                  "threads": __import__("torch").get_num_threads()}
+    elif args.bare:
         methods = args.methods or list(BARE_METHODS)
         result = {"bare": time_bare(method_configs(args.teacher, methods, args.batch)),
                   "threads": __import__("torch").get_num_threads()}

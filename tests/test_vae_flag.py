@@ -76,3 +76,32 @@ def test_a_folder_that_is_not_a_vae_is_one_line_exit_2(vae_folder, tmp_path, cap
     assert not (tmp_path / "t").exists()
     with pytest.raises(DataError, match=why):
         teacher_config("mnist28", vae=str(path))
+
+
+@pytest.mark.slow  # ~15 s: encodes mnist28 once and computes the VAE floors
+def test_eval_samples_with_vae_scores_decoded_latents(vae_folder, tmp_path, capsys):
+    """`eval --samples Z --vae DIR` decodes the latents and scores pixels: the same fd as the decoded
+    images given as pixel samples, plus the VAE floors a latent model's evaluation carries."""
+    import numpy as np
+
+    from fewstep.data.datasets import load_dataset
+
+    latent = load_dataset("mnist28", vae=str(vae_folder))
+    z = latent.x_test[:40]
+    x = latent.decode(z).detach()
+    np.savez(tmp_path / "z.npz", x=x.numpy(), z=z.numpy())  # the layout of `fewstep sample --out f.npz`
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    run = ["eval", "--data", "mnist28", "--json"]
+    assert main([*run, str(tmp_path / "mz.json"), "--samples", str(tmp_path / "z.npz"), "--vae",
+                 str(vae_folder)]) == 0
+    assert main([*run, str(tmp_path / "mx.json"), "--samples", str(tmp_path / "x.npz")]) == 0
+    mz, mx = (json.loads((tmp_path / f).read_text()) for f in ("mz.json", "mx.json"))
+    assert mz["n_samples"] == mx["n_samples"] == 40 and mz["fd"] == pytest.approx(mx["fd"], rel=1e-6)
+    assert "fd_vae_floor" in mz and "fd_vae_floor" not in mx and mz["vae"] == str(vae_folder.resolve())
+    capsys.readouterr()
+    assert main([*run, str(tmp_path / "bad.json"), "--samples", str(tmp_path / "x.npz"), "--vae",
+                 str(vae_folder)]) == 2  # pixels are not latents
+    err = capsys.readouterr().err
+    assert "the VAE's latents are [4, 7, 7]" in err and err.count("\n") == 1, err
+    assert main(["eval", str(tmp_path), "--vae", str(vae_folder)]) == 2  # a model records its VAE
+    assert "--vae goes with --samples" in capsys.readouterr().err

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
                         "2 network evaluations per denoiser call")
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
+    p.add_argument("--vae", metavar="DIR", help="with --samples: the samples are latents of this diffusers "
+                   "VAE (.npz key z first), decoded and scored on pixels with the VAE floors; models "
+                   "record their VAE")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")
     p.add_argument("--repeats", type=int, default=1,
                    help="average over this many generated sets (reports <metric>_std too)")
@@ -296,12 +299,14 @@ def cmd_eval_samples(args) -> dict:
 
     if args.model:
         raise FewstepError("give a model or --samples FILE, not both")
-    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid)
+    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid, vae=args.vae)
 
 
 def cmd_eval(args) -> int:
     from fewstep.train.evaluate import evaluate_model
 
+    if args.vae and not args.samples:
+        raise FewstepError("--vae goes with --samples (latent samples); a model directory records its VAE")
     if args.samples or not args.model:
         if not args.samples:
             raise FewstepError("eval needs a model directory or --samples FILE --data D")

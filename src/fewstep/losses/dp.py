@@ -21,10 +21,10 @@ unit of network output, so no reweighting (the default).
 
 Target form (``dp.target``, a **(choice)** kept switchable; default ``x0``). Section 3 writes the target
 two ways: ``x0`` regresses the first-step clean prediction onto ``x0*`` (the spec's EDM/VP form);
-``velocity`` regresses the first-step flow velocity ``v_hat = (x_0^f - x0_hat)/t_0`` onto
-``v* = (x_0^f - z_k^f)/(t_0 - t_k)``, in flow variables (state ``x^f = x/(1+sigma)``, time
+``velocity`` regresses the first-step flow velocity ``v_hat = (x_T^f - x0_hat)/t_0`` onto
+``v* = (x_T^f - z_k^f)/(t_0 - t_k)``, in flow variables (state ``x^f = x/(1+sigma)``, time
 ``t = sigma/(1+sigma)``): the official code's loss for its rectified-flow SD3.5 teacher. As *targets*
-they are the same point: ``x0* = x_0^f - t_0 v*`` (both land exactly on the anchor), for every
+they are the same point: ``x0* = x_T^f - t_0 v*`` (both land exactly on the anchor), for every
 teacher family, since the EDM Euler step in sigma and the flow Euler step in t are one DDIM step. As
 *losses* they differ by one factor: ``v`` is affine in ``x0`` at the fixed level ``t_0`` with slope
 ``-1/t_0``, so ``L_v = L_x0 / t_0^2`` per sample, ``1/t_0^2 = ((1 + sigma_0)/sigma_0)^2`` (``core.dp_target.

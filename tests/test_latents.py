@@ -202,10 +202,11 @@ def test_cli_vae_teacher_eval_sample_on_latents(vae_dir, tmp_path, capsys):
     ctx.decode = None  # pixel data: the switch changes nothing
     assert el_mod.build(cfg, ctx, 1.0).terms[0].shape == (4, 7, 7)
 
-    # the README's latent flow path in miniature: vae -> teacher --objective flow -> distill -> eval -> report
+    # the README's latent flow path in miniature: vae -> teacher --objective flow --vae DIR -> distill -> eval
+    # -> report
     ft, fs = tmp_path / "flow-teacher", tmp_path / "flow-student"
-    assert main(["teacher", "--data", "mnist28", "--objective", "flow", "--out", str(ft), "--iters", "3",
-                 "--no-progress", f"data.vae={vae}", "model.channels=[16,32]", "train.batch=16",
+    assert main(["teacher", "--data", "mnist28", "--objective", "flow", "--vae", str(vae), "--out", str(ft),
+                 "--iters", "3", "--no-progress", "model.channels=[16,32]", "train.batch=16",
                  "train.eval_n=20", "sample.nfe=3"]) == 0
     assert json.loads((ft / "model.json").read_text())["spec"]["objective"] == "flow"
     assert main(["distill", "--teacher", str(ft), "--method", "sid", "--out", str(fs), "--iters", "2",

@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   fewstep distill --teacher runs/t --method dmd --extra el=1 --out runs/s
   fewstep distill --teacher runs/t --method dmd --extra dp=0.05 --steps 4 --out runs/s4
   fewstep teacher --data grid25c data.conditional=true --out runs/tc     (label dropout: guidable)
+  fewstep vae --data mnist28 --out runs/vae                   (a small diffusers VAE for latent teachers)
+  fewstep teacher --data mnist28 --vae runs/vae --objective flow --out runs/lt   (a latent flow teacher)
   fewstep distill --teacher runs/tc --method dmd --guidance 3 --steps 4 --extra dp=0.05 --out runs/g
   fewstep eval runs/s --json metrics.json        fewstep sample runs/s --n 2000 --out s.png
   fewstep bench --suite quick --out runs/bench   torchrun --nproc_per_node 2 -m fewstep distill ...
@@ -73,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("teacher", help="train a teacher (EDM or rectified flow) on a data set")
-    p.add_argument("--data", required=True, help="ring8 | grid25 | digits8 | path to data")
+    p.add_argument("--data", required=True, help="ring8 | grid25 | digits8 | mnist28 | path to data")
     p.add_argument("--objective", choices=["edm", "flow"], help="EDM denoiser (default) or a rectified-"
                    "flow velocity model (model.objective; flow times: model.flow_t)")
+    p.add_argument("--vae", metavar="DIR", help="diffusers AutoencoderKL/AutoencoderTiny folder (e.g. from "
+                   "'fewstep vae'): train on the data's latents, encoded once and cached (= data.vae=DIR; "
+                   "students, eval and sample read it from the teacher)")
     _common_run_args(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a k-step student")
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
                         "2 network evaluations per denoiser call")
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
+    p.add_argument("--vae", metavar="DIR", help="with --samples: the samples are latents of this diffusers "
+                   "VAE (.npz key z first), decoded and scored on pixels with the VAE floors; models "
+                   "record their VAE")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (images; slow)")
     p.add_argument("--repeats", type=int, default=1,
                    help="average over this many generated sets (reports <metric>_std too)")
@@ -218,7 +226,8 @@ def _resolve_teacher_config(args):
     from fewstep.recipe import teacher_config
 
     flags = _RUN_FLAGS + (("objective", "model.objective"),)
-    return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, flags)], args.preset)
+    return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, flags)], args.preset,
+                          vae=args.vae)
 
 
 def _train(args, cfg, what: str) -> int:
@@ -300,12 +309,14 @@ def cmd_eval_samples(args) -> dict:
 
     if args.model:
         raise FewstepError("give a model or --samples FILE, not both")
-    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid)
+    return evaluate_samples(args.samples, args.data, n=args.n, fid=args.fid, vae=args.vae)
 
 
 def cmd_eval(args) -> int:
     from fewstep.train.evaluate import evaluate_model
 
+    if args.vae and not args.samples:
+        raise FewstepError("--vae goes with --samples (latent samples); a model directory records its VAE")
     if args.samples or not args.model:
         if not args.samples:
             raise FewstepError("eval needs a model directory or --samples FILE --data D")

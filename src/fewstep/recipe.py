@@ -66,11 +66,19 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
     return cfg
 
 
-def teacher_config(data: str, overrides=(), preset: str | None = None) -> TeacherRunConfig:
-    """The resolved config of ``fewstep teacher --data D [key=value ...]`` (``teacher_<data>`` preset
-    when one exists, else ``teacher_default``)."""
+def teacher_config(data: str, overrides=(), preset: str | None = None,
+                   vae: str | None = None) -> TeacherRunConfig:
+    """The resolved config of ``fewstep teacher --data D [--vae DIR] [key=value ...]``
+    (``teacher_<data>`` preset when one exists, else ``teacher_default``). ``vae`` (``--vae DIR``) is
+    ``data.vae=DIR`` and wins over it; either way the VAE folder is checked and recorded absolute."""
     name = preset or (f"teacher_{data}" if (PRESET_DIR / f"teacher_{data}.yaml").exists()
                       else "teacher_default")
     cfg = resolve(TeacherRunConfig, load_preset(name), [f"data.name={data}", *overrides])
     cfg.data.name = str(data)  # keep paths verbatim
+    if vae is not None:
+        cfg.data.vae = str(vae)  # verbatim, as data.name
+    if cfg.data.vae:  # absolute, like user data (data/provenance.py): resumes from any directory
+        from fewstep.data.latents import check_vae_dir
+
+        cfg.data.vae = str(check_vae_dir(cfg.data.vae))
     return cfg

@@ -68,6 +68,45 @@ def flow_x0_from_v(x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
     return x_t - _b(t, x_t) * v
 
 
+# --- the velocity form on EDM-space states (flow teachers; flow_and_latent.md section 1) ---------------
+# The denoiser contract keeps EDM variables: a state ``x`` at level ``sigma`` is the flow state
+# ``x_t = x / (1 + sigma)`` at time ``t = sigma / (1 + sigma)``. The functions below write the flow
+# quantities directly in ``(x, sigma)`` so that nothing subtracts two numbers close to 1 (``t_T - t_k``
+# when both levels are near pure noise): every formula is exact in float64 at sigma up to ~1e8.
+
+
+def flow_time(sigma):
+    """``t = sigma / (1 + sigma)`` (the inverse of ``sigma = t / (1 - t)``)."""
+    return sigma / (1 + sigma)
+
+
+def v_target_edm(x_T: torch.Tensor, z_k: torch.Tensor, sigma_T, sigma_k) -> torch.Tensor:
+    """:func:`v_target_flow` for EDM-space states: ``v* = ((1 + sigma_k) x_T - (1 + sigma_T) z_k) /
+    (sigma_T - sigma_k)``; ``[B, ...]``.
+
+    Derivation: ``x_t = x / (1 + sigma)`` and ``t_T - t_k = (sigma_T - sigma_k) / ((1 + sigma_T)
+    (1 + sigma_k))`` in ``(x_T^flow - z_k^flow) / (t_T - t_k)``. At ``sigma_T -> inf`` (``t_T = 1``) it is
+    the official ``(x1 - z_tk) / (1 - t_k)`` with ``x1 = x_T / (1 + sigma_T)``.
+    """
+    sigma_T, sigma_k = _b(sigma_T, x_T), _b(sigma_k, x_T)
+    return ((1 + sigma_k) * x_T - (1 + sigma_T) * z_k) / (sigma_T - sigma_k)
+
+
+def flow_v_from_edm(x: torch.Tensor, D: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow velocity ``v = eps - x0`` a clean prediction ``D`` implies at the EDM state ``(x, sigma)``:
+    ``v = (x_t - D) / t = (x - (1 + sigma) D) / sigma``; ``[B, ...]`` (a flow net's own output, since its
+    ``D = x_t - t v``, core.precond.flow_scalings)."""
+    sigma = _b(sigma, x)
+    return (x - (1 + sigma) * D) / sigma
+
+
+def velocity_loss_weight(sigma_T):
+    """``1 / t_T^2 = ((1 + sigma_T) / sigma_T)^2`` (scalar or ``[B]``): at a fixed level ``T``,
+    ``v = (x_t - x0) / t_T`` is affine in ``x0`` with slope ``-1/t_T``, so
+    ``mean_flat((v_hat - v*)^2) == velocity_loss_weight(sigma_T) * mean_flat((x0_hat - x0*)^2)``."""
+    return ((1 + sigma_T) / sigma_T) ** 2
+
+
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """``eps = (x_t - alpha x0) / sigma``; ``[B, ...]``."""
     return (x_t - _b(alpha, x_t) * x0) / _b(sigma, x_t)

@@ -294,7 +294,8 @@ def encode_dataset(pixels: Dataset, vae: str, vae_sha256: str | None = None) -> 
     from fewstep.data import latents as LT
 
     if pixels.kind != "image" or pixels.x_train is None:
-        raise DataError(f"a VAE encodes images, but {pixels.name} holds {pixels.kind}s; drop data.vae")
+        raise DataError(f"a VAE encodes images, but {pixels.name} holds {pixels.kind}s; "
+                        "drop --vae (data.vae)")
     codec = LT.load_vae(vae, vae_sha256)
     LT.check_vae_fits(codec, pixels.x_train, pixels.name)
     z_train, z_test, _ = LT.cached_latents(codec, pixels.name, pixels.x_train, pixels.x_test)

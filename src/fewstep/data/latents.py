@@ -92,6 +92,29 @@ def vae_dir(path: str | os.PathLike) -> Path:
                     "save_pretrained or by 'fewstep vae'")
 
 
+def _vae_config(d: Path) -> dict:
+    """``d/config.json`` of a VAE folder (``d`` from :func:`vae_dir`), its class checked."""
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {d}/config.json ({e}); restore it or re-save the VAE") from None
+    name = config.get("_class_name", "") if isinstance(config, dict) else ""
+    if name not in VAE_CLASSES:
+        raise DataError(f"{d} holds a {name or 'unknown'} model, not a VAE; pass a diffusers "
+                        f"{' or '.join(VAE_CLASSES)} folder")
+    return config
+
+
+def check_vae_dir(path: str | os.PathLike) -> Path:
+    """``path`` as given, made absolute, once it is a loadable VAE folder: a diffusers VAE config and
+    safetensors weights (without loading them); :class:`DataError` otherwise. What ``--vae DIR`` and
+    ``data.vae=DIR`` record, so a run finds its VAE again from any working directory."""
+    d = vae_dir(path)
+    _vae_config(d)
+    _weight_files(d)
+    return Path(path).expanduser().resolve()
+
+
 def _weight_files(d: Path) -> list[Path]:
     files = sorted(d.glob("*.safetensors"))
     if not files:
@@ -129,14 +152,7 @@ def load_vae(path: str | os.PathLike, expected_sha256: str | None = None) -> VAE
 
 @functools.lru_cache(maxsize=4)
 def _load_vae_cached(d: str, sha: str) -> VAE:
-    try:
-        config = json.loads((Path(d) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {d}/config.json ({e}); restore it or re-save the VAE") from None
-    name = config.get("_class_name", "")
-    if name not in VAE_CLASSES:
-        raise DataError(f"{d} holds a {name or 'unknown'} model, not a VAE; pass a diffusers "
-                        f"{' or '.join(VAE_CLASSES)} folder")
+    name = _vae_config(Path(d))["_class_name"]
     import diffusers
 
     try:

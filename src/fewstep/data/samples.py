@@ -54,13 +54,33 @@ def read_samples(path: str | Path, shape: tuple[int, ...]) -> tuple[torch.Tensor
         None if y is None else torch.from_numpy(y))
 
 
-def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def read_latents(path: str | Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latent samples ``[N, c, h, w]`` (the VAE's scaled latents, as ``fewstep sample`` writes in ``z``
+    and diffusers' ``output_type="latent"`` returns) -> float32 tensor and labels (or None). An ``.npz``
+    key ``z`` comes first (a ``fewstep sample`` file also holds the decoded ``x``)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in L.ARRAY_SUFFIXES:
+        raise DataError(f"latent samples {path} must be an existing .npz/.npy file (with --vae)")
+    x, y = _read_array(path, first=("z",))
+    L.check_numeric(x, str(path))
+    if tuple(x.shape[1:]) != tuple(shape) or x.ndim != len(shape) + 1:
+        raise DataError(f"{path} holds {list(x.shape)}, but the VAE's latents are {list(shape)} per sample; "
+                        "pass the latents ([N, c, h, w]), or drop --vae for decoded images")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.shape[0] < 2:
+        raise DataError(f"{path} must hold at least 2 finite latent samples")
+    if y is not None:
+        y = L.check_labels(np.asarray(y), x.shape[0], str(path))
+    return torch.from_numpy(np.ascontiguousarray(x)), None if y is None else torch.from_numpy(y)
+
+
+def _read_array(path: Path, first: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     if path.suffix.lower() == ".npy":
         return L.read_array_file(path)[0], None
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
-            key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            key = next((k for k in (*first, *IMAGE_KEYS) if k in keys), keys[0] if len(keys) == 1 else None)
             if key is None:
                 raise DataError(f"{path} has arrays {keys} but none named {' / '.join(IMAGE_KEYS)}; save "
                                 "the samples as numpy.savez(path, x=samples)")

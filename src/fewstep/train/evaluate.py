@@ -281,15 +281,18 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
     return out
 
 
-def evaluate_samples(path, data: str, n: int | None = None, fid: bool = False) -> dict:
-    """``fewstep eval --samples FILE --data D``: the same metrics and floors for samples made by any
-    tool (formats: ``fewstep.data.samples``); ``n`` keeps the first n samples."""
-    from fewstep.data.samples import read_samples
+def evaluate_samples(path, data: str, n: int | None = None, fid: bool = False,
+                     vae: str | None = None) -> dict:
+    """``fewstep eval --samples FILE --data D [--vae DIR]``: the same metrics and floors for samples made
+    by any tool (formats: ``fewstep.data.samples``); ``n`` keeps the first n samples. With ``vae`` the
+    samples are that VAE's latents: decoded and scored on pixels, with the VAE floors (as a latent
+    model's are)."""
+    from fewstep.data.samples import read_latents, read_samples
 
     if not data:
         raise FewstepError("--samples needs --data NAME|PATH: the data set to compare the samples with")
-    dataset = load_dataset(data)
-    x, y = read_samples(path, tuple(dataset.shape))
+    dataset = load_dataset(data, vae=vae)
+    x, y = (read_latents if vae else read_samples)(path, tuple(dataset.shape))
     if n is not None:
         if n < 2 or n > len(x):
             raise FewstepError(f"--n {n}: the samples file holds {len(x)}; pick 2..{len(x)}")
@@ -299,7 +302,7 @@ def evaluate_samples(path, data: str, n: int | None = None, fid: bool = False) -
     out = score_samples(space, x, y)
     out["eval_s"] = round(time.perf_counter() - t0, 3)
     if fid:
-        out.update(fid_metrics(space, x))
+        out.update(fid_metrics(space, space.to_pixels(x)))
     out.update({"metric_space": space.name, "data": data, "model": str(path), "source": "samples"})
     return out
 

@@ -96,10 +96,13 @@ def _expected_tokens(prompt):
     return [w + "</w>" for w in prompt.lower().replace(",", " ,").split()]
 
 
-def test_every_prompt_word_is_one_token_and_round_trips(sd_dir, pipe):
+def test_every_prompt_word_is_one_token_and_round_trips(sd_dir, pipe, tmp_path):
     tok = pipe.tokenizer
-    reloaded = transformers.CLIPTokenizer(vocab=str(sd_dir / "tokenizer" / "vocab.json"),
-                                          merges=str(sd_dir / "tokenizer" / "merges.txt"))
+    only_files = tmp_path / "tok"  # the two files real SD checkpoints ship, without tokenizer.json
+    only_files.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(sd_dir / "tokenizer" / name, only_files / name)
+    reloaded = transformers.CLIPTokenizer.from_pretrained(only_files, local_files_only=True)
     assert tok.model_max_length == pipe.text_encoder.config.max_position_embeddings == 16
     prompts = [p for c in range(10) for p in prompts_for_label(c)]
     assert len(prompts) == 10 * len(TEMPLATES) and "the digit 7" in prompts_for_label(7)
@@ -218,6 +221,9 @@ def test_refusals_are_one_line(sd_dir, teacher, tmp_path):
     index = json.loads((sd_dir / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DModel"]}))
     with pytest.raises(ModelError, match="unsupported unet class 'UNet2DModel'"):
+        load_text_pipeline(broken)
+    (broken / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": index["text_encoder"]}))
+    with pytest.raises(ModelError, match="two-text-encoder pipeline"):
         load_text_pipeline(broken)
     with pytest.raises(ModelError, match="does not exist"):
         load_text_pipeline(tmp_path / "nowhere")

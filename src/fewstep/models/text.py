@@ -252,6 +252,9 @@ def _check_components(root: Path) -> dict:
         raise ModelError(f"no model_index.json in {root}; give a directory written by "
                          "StableDiffusionPipeline.save_pretrained")
     index = _read_json(root / "model_index.json")
+    if "text_encoder_2" in index:
+        raise ModelError(f"{root} is a two-text-encoder pipeline ({index.get('_class_name')}, e.g. SDXL); "
+                         "fewstep reads single-encoder SD 1.x/2.x pipelines so far")
     for name in COMPONENTS:
         cls = _component_class(root, index, name)
         if name in CLASSES and cls not in CLASSES[name]:

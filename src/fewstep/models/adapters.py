@@ -87,6 +87,7 @@ class _UNetAdapter(nn.Module):
         self.boundary, self.boundary_sigma_min = boundary, boundary_sigma_min
         self.scheduler_config = scheduler_config
         self.num_class_embeds = int(config.get("num_class_embeds") or 0)
+        self.cross_attention = config.get("cross_attention_dim") is not None  # text-conditional UNet
         if null_class is not None and not 0 <= null_class < max(self.num_class_embeds, 1):
             raise ModelError(f"null class {null_class} is outside the UNet's {self.num_class_embeds} class "
                              f"embeddings; pick 0..{self.num_class_embeds - 1} or none")
@@ -122,7 +123,14 @@ class _UNetAdapter(nn.Module):
     def _net(self, x_in: torch.Tensor, timestep: torch.Tensor, cond, channels: int) -> torch.Tensor:
         """The UNet's output ``[B, channels, ...]`` in ``x_in``'s dtype (learned variance: first C)."""
         dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x_in.to(dtype), timestep, class_labels=self._labels(cond, x_in.shape[0], x_in.device))
+        if self.cross_attention:  # UNet2DConditionModel: cond = text encoder hidden states [B, L, d]
+            if not (torch.is_tensor(cond) and cond.is_floating_point() and cond.ndim == 3):
+                raise ModelError("this text-conditional teacher takes text embeddings [B, L, d] as cond "
+                                 "(encode the prompts with its text encoder), not class labels")
+            kwargs = {"encoder_hidden_states": cond.to(device=x_in.device, dtype=dtype)}
+        else:
+            kwargs = {"class_labels": self._labels(cond, x_in.shape[0], x_in.device)}
+        out = self.unet(x_in.to(dtype), timestep, **kwargs)
         out = out.sample if hasattr(out, "sample") else out
         return out[:, :channels].to(x_in.dtype)
 
@@ -325,14 +333,15 @@ def _locate(path: Path, scheduler: str | Path | None = None) -> tuple[Path, Path
     return unet_dir, next((c for c in cands if c.is_file()), None)
 
 
-def _check_unet_dir(unet_dir: Path) -> dict:
+def _check_unet_dir(unet_dir: Path, classes: tuple[str, ...] = ("UNet2DModel",)) -> dict:
     """Config present, class supported, safetensors weights present (never unpickle)."""
     if not (unet_dir / "config.json").is_file():
         raise ModelError(f"no config.json in {unet_dir}; expected a diffusers save_pretrained directory")
     config = _read_json(unet_dir / "config.json")
     cls = config.get("_class_name")
-    if cls != "UNet2DModel":
-        raise ModelError(f"unsupported model class {cls!r} in {unet_dir}; fewstep loads UNet2DModel teachers")
+    if cls not in classes:
+        raise ModelError(f"unsupported model class {cls!r} in {unet_dir}; fewstep loads "
+                         f"{' or '.join(classes)} teachers")
     has_st = (unet_dir / UNET_WEIGHTS).is_file() or (unet_dir / f"{UNET_WEIGHTS}.index.json").is_file()
     if not has_st:
         pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -521,13 +530,14 @@ def build_diffusers_denoiser(spec: dict) -> _UNetAdapter:
     return D
 
 
-def _load_unet(unet_dir: Path) -> nn.Module:
-    from diffusers import UNet2DModel
+def _load_unet(unet_dir: Path, class_name: str = "UNet2DModel") -> nn.Module:
+    import diffusers
 
     try:
         # low_cpu_mem_usage=False: the default needs `accelerate` (and only warns without it)
-        unet, info = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
-                                                 low_cpu_mem_usage=False, output_loading_info=True)
+        unet, info = getattr(diffusers, class_name).from_pretrained(
+            unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False,
+            output_loading_info=True)
     except Exception as e:  # diffusers/safetensors raise many types for corrupt or mismatched files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load the UNet in {unet_dir}: {msg}") from None

@@ -71,6 +71,9 @@ class TrainConfig:
     max_bad_steps: int = 20      # refused (NaN/Inf) steps before the run stops
     time_budget_s: float = 0.0   # stop after this much training wall time (0 = off; equal-time arms)
     device: str = "auto"         # auto | cpu | cuda | mps
+    precision: str = "fp32"      # fp32 | bf16 | fp16: autocast dtype of network forwards; weights and
+    #                              optimiser state stay fp32, fp16 adds a GradScaler (docs/scaling.md)
+    checkpointing: bool = False  # activation checkpointing of trained UNets (diffusers blocks; not MLPs)
 
 
 @dataclass
@@ -125,6 +128,8 @@ class DistillTrainConfig(TrainConfig):
     ema_halflife: float = 0.0    # student EMA half-life in generator updates (0 = none, as DMD2); its
     #                              ramp-up (ema_rampup) also counts generator updates
     eval_n: int = 2500
+    teacher_dtype: str = "fp32"  # fp32 | bf16: storage dtype of the frozen teacher's weights (its
+    #                              output is cast to fp32; docs/scaling.md "Precision and memory")
 
 
 @dataclass
@@ -370,7 +375,8 @@ _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_ram
                  "cfg_eval_real"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "model.objective": {"edm", "flow"},
             "model.flow_t": {"logit_normal", "uniform"}, "sample.sampler": {"heun", "euler"},
-            "train.device": {"auto", "cpu", "cuda", "mps"}}
+            "train.device": {"auto", "cpu", "cuda", "mps"}, "train.precision": {"fp32", "bf16", "fp16"},
+            "train.teacher_dtype": {"fp32", "bf16"}}
 
 
 def validate(cfg, prefix: str = "") -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.core.utils import full_precision
+
 TEMPERATURES = (0.02, 0.05, 0.2)  # spec A5 (paper Table 8)
 SELF_MASK = 100.0                 # spec A2 step 4: official code; never -inf (N = 1 would give NaN)
 AFFINITY_FLOOR = 1e-6             # spec A2 step 5: A = sqrt(max(row * col, floor)); 0 = the 2-D toy notebook
@@ -31,6 +33,7 @@ class DriftResult:
     raw: torch.Tensor      # [T] raw mean(V_tau^2) per temperature (the convergence signal to log)
 
 
+@full_precision
 def pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distances ``[..., n, m]`` between ``a [..., n, D]`` and ``b [..., m, D]``.
 
@@ -102,6 +105,7 @@ def _field_tau(d_hat, omega, T_neg, T_pos, n_neg: int, tau: float, floor: float)
     return S_neg * (A_pos @ T_pos) - S_pos * (A_neg @ T_neg)
 
 
+@full_precision
 def drift_field(x, pos, neg=None, w: float = 1.0, self_neg: bool = True,
                 temperatures: Sequence[float] = TEMPERATURES, mask: float = SELF_MASK,
                 floor: float = AFFINITY_FLOOR):
@@ -126,6 +130,7 @@ def drift_field(x, pos, neg=None, w: float = 1.0, self_neg: bool = True,
     return V, s, c, torch.stack(raw)
 
 
+@full_precision
 def drift_loss(x, pos, neg=None, w: float = 1.0, self_neg: bool = True,
                temperatures: Sequence[float] = TEMPERATURES, mask: float = SELF_MASK,
                floor: float = AFFINITY_FLOOR) -> DriftResult:
@@ -145,6 +150,7 @@ def drift_loss(x, pos, neg=None, w: float = 1.0, self_neg: bool = True,
     return DriftResult(loss=loss, V=V, s=s, c=c, raw=raw)
 
 
+@full_precision
 def anchor_margin_loss(gen: torch.Tensor, anchors: torch.Tensor, alpha: float = 0.5,
                        h: float | torch.Tensor | None = None):
     """Anchor-margin coverage loss (spec B7, the port's ``anchor_margin_loss``) on raw features.

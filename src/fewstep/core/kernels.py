@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.core.utils import full_precision
 
+
+@full_precision
 def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``[n, m]`` between rows of ``a [n, d]`` and ``b [m, d]``,
     as ``||a||^2 + ||b||^2 - 2 a.b`` clamped at 0."""
@@ -58,6 +61,7 @@ def mmd2_biased(x: torch.Tensor, y: torch.Tensor, gammas: torch.Tensor) -> torch
             .mean() - 2 * gaussian_kernel(sq_dists(x, y), gammas).mean())
 
 
+@full_precision
 def mmd2_linear_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Unbiased MMD^2 with the linear kernel ``u.v`` in O(n d) (embedding_loss.md section 6):
     ``(||sum x||^2 - sum ||x_i||^2)/(n(n-1)) + (same for y) - 2 (sum x).(sum y)/(n m)``."""
@@ -128,6 +132,7 @@ class _PooledGaussMMD2(torch.autograd.Function):
         return grads[0], grads[1], None
 
 
+@full_precision
 def mmd2_unbiased_pooled(x: torch.Tensor, y: torch.Tensor, multipliers) -> tuple[torch.Tensor, torch.Tensor]:
     """Unbiased MMD^2 between ``x [n, d]`` and ``y [m, d]`` with ``kappa = mean_s exp(-d^2/(s h))``,
     ``h`` = :func:`pooled_bandwidth` of the pooled ``[x; y]`` (embedding_loss.md sections 2.2-2.3).

@@ -104,6 +104,13 @@ def one_hot(cond: torch.Tensor | None, num_classes: int, batch: int, like: torch
     return out
 
 
+def precond_dtype(net_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the preconditioning arithmetic around a network with parameters in ``net_dtype``:
+    that dtype, except float32 for half-precision nets (a bf16 teacher, ``train.teacher_dtype``), so
+    sigma, ``c_noise`` and the skip ``c_skip x`` keep float32 resolution (as EDM's ``use_fp16``)."""
+    return torch.float32 if net_dtype in (torch.bfloat16, torch.float16) else net_dtype
+
+
 class EDMPrecond(nn.Module):
     """Wrap a raw network ``F(x_in [B,...], c_noise [B], labels [B,C] | None)`` as ``D(x, sigma, cond)``.
 
@@ -136,12 +143,12 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
         dtype = next(self.net.parameters()).dtype
-        x_in = x.to(dtype)
+        x_in = x.to(precond_dtype(dtype))
         sigma = as_sigma(sigma, x_in)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         labels = one_hot(cond, self.num_classes, x.shape[0], x_in)
-        F_x = self.net(append_dims(c_in, x.ndim) * x_in, c_noise, labels)
-        D_x = append_dims(c_skip, x.ndim) * x_in + append_dims(c_out, x.ndim) * F_x.to(dtype)
+        F_x = self.net((append_dims(c_in, x.ndim) * x_in).to(dtype), c_noise, labels)
+        D_x = append_dims(c_skip, x.ndim) * x_in + append_dims(c_out, x.ndim) * F_x.to(x_in.dtype)
         if self.boundary and self.objective == "flow":
             D_x = self._to_boundary(x_in, sigma, D_x)
         return D_x.to(x.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -32,3 +34,24 @@ def mean_flat(t: torch.Tensor) -> torch.Tensor:
 def sum_flat(t: torch.Tensor) -> torch.Tensor:
     """Sum over all non-batch dimensions: ``[B, ...] -> [B]``."""
     return t.flatten(1).sum(dim=1)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _up(a):
+    return a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a
+
+
+def full_precision(fn):
+    """Run ``fn`` outside autocast, with half-precision tensor arguments cast to float32 (float32 and
+    float64 arguments are left alone). For kernel math (MMD, drifting fields) whose distance matmuls
+    autocast would otherwise run in bf16/fp16 (``train.precision``, docs/scaling.md)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        args, kwargs = [_up(a) for a in args], {k: _up(v) for k, v in kwargs.items()}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped

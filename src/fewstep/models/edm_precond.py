@@ -30,7 +30,14 @@ import math
 import torch
 from torch import nn
 
-from fewstep.core.precond import SIGMA_DATA, SIGMA_MIN, boundary_scalings, edm_scalings, one_hot
+from fewstep.core.precond import (
+    SIGMA_DATA,
+    SIGMA_MIN,
+    boundary_scalings,
+    edm_scalings,
+    one_hot,
+    precond_dtype,
+)
 from fewstep.core.utils import append_dims, as_sigma
 from fewstep.errors import ModelError
 from fewstep.models.edm_nets import DhariwalUNet, SongUNet
@@ -68,12 +75,12 @@ class _Precond(nn.Module):
     def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, C, H, W]``, ``sigma`` float or ``[B]``, ``cond`` class indices ``[B]`` -> ``D``."""
         dtype = next(self.parameters()).dtype
-        x_in = x.to(dtype)
+        x_in = x.to(precond_dtype(dtype))
         sigma = as_sigma(sigma, x_in)
-        labels = one_hot(cond, self.label_dim, x.shape[0], x_in)
+        labels = one_hot(cond, self.label_dim, x.shape[0], x_in.to(dtype))
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        F_x = self.model_forward(append_dims(c_in, x.ndim) * x_in, c_noise, labels)
-        D_x = append_dims(c_skip, x.ndim) * x_in + append_dims(c_out, x.ndim) * F_x.to(dtype)
+        F_x = self.model_forward((append_dims(c_in, x.ndim) * x_in).to(dtype), c_noise, labels)
+        D_x = append_dims(c_skip, x.ndim) * x_in + append_dims(c_out, x.ndim) * F_x.to(x_in.dtype)
         return D_x.to(x.dtype)
 
 

@@ -115,7 +115,9 @@ def capture(D: nn.Module, paths: list[str], stop_when_done: bool = False):
         def hook(_m, _inp, out, p=p):
             if stop_when_done and p in store:
                 return
-            store[p] = out[0] if isinstance(out, tuple) else out
+            out = out[0] if isinstance(out, tuple) else out
+            # features leave the network for loss math: float32 even under autocast (train.precision)
+            store[p] = out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
             if stop_when_done and len(store) == len(paths):
                 raise _AllTapped
         handles.append(resolve_module(D, p).register_forward_hook(hook))

@@ -30,7 +30,8 @@ from fewstep.train import checkpoint as ckpt
 from fewstep.train import dist
 from fewstep.train.control import BadStep, LogAccumulator
 from fewstep.train.loop import make_optimizer, run_training
-from fewstep.train.phases import DISC, FAKE, GEN, critic_update, generator_update
+from fewstep.train.phases import CRITIC, DISC, FAKE, GEN, critic_update, generator_update
+from fewstep.train.precision import Precision, cast_teacher, enable_checkpointing, make_scalers
 from fewstep.train.rng import StepRandom, derive_seed
 from fewstep.train.rollout import STUDENT_ROLLOUTS
 
@@ -57,6 +58,8 @@ class Run:
     bad_steps: int = 0
     slices: list = field(default_factory=list)  # this process's [lo, hi) micro-batches of the batch
     log_acc: LogAccumulator = field(default_factory=LogAccumulator)
+    precision: Precision | None = None     # autocast of the network forwards (train.precision)
+    scalers: dict = field(default_factory=dict)  # fp16: phase -> GradScaler (train/precision.py)
 
     def terms(self, phases) -> list:
         return [t for m in self.methods for t in m.terms if t.phase in phases]
@@ -72,7 +75,10 @@ class Run:
         pass
 
     def iteration(self, log_norms: bool = False) -> dict:
-        return train_iteration(self, log_norms)
+        if self.precision is None:
+            return train_iteration(self, log_norms)
+        with self.precision.training():
+            return train_iteration(self, log_norms)
 
     def state_dict(self) -> dict:
         return run_state(self)
@@ -177,8 +183,25 @@ def _assemble(cfg, data, teacher, methods: list[Method], device) -> Run:
         nets.target = copy.deepcopy(student).requires_grad_(False)
     rollout = _only_one(methods, "student rollout", [m.rollout for m in methods if m.rollout is not None])
     ema = copy.deepcopy(student).requires_grad_(False) if cfg.train.ema_halflife > 0 else None
+    precision = set_precision(cfg.train, nets, device)
     return Run(cfg, data, nets, methods, opts, ema, device, rollout or STUDENT_ROLLOUTS[cfg.student.rollout],
-               target_rate=rate, slices=dist.shard(dist.env(), cfg.train.batch, cfg.train.micro_batch))
+               target_rate=rate, slices=dist.shard(dist.env(), cfg.train.batch, cfg.train.micro_batch),
+               precision=precision, scalers=make_scalers(precision, (GEN, CRITIC)))
+
+
+def set_precision(t, nets: Nets, device) -> Precision:
+    """``train.checkpointing``, ``train.teacher_dtype`` and ``train.precision`` on the built networks
+    (after every copy of the teacher and student is made: the hooks must not be copied)."""
+    if t.checkpointing:
+        enable_checkpointing(nets.student.G, "student")
+        if nets.fake is not None:
+            enable_checkpointing(nets.fake, "fake score")
+    cast_teacher(nets.teacher, t.teacher_dtype)
+    precision = Precision(t.precision, device)
+    target = nets.target.G if nets.target is not None else None
+    teacher = nets.teacher if t.teacher_dtype == "fp32" else None  # a bf16 teacher runs in bf16
+    precision.install([m for m in (teacher, nets.student.G, nets.fake, nets.head, target) if m is not None])
+    return precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +282,8 @@ def run_state(run: Run) -> dict:
              "log_acc": run.log_acc.state_dict(), "student": run.nets.student.state_dict(),
              "rng": ckpt.rng_state(), "opts": {k: o.state_dict() for k, o in run.opts.items()},
              "terms": {t.name: t.state_dict() for t in run.terms(set(PHASES))}}
+    if run.scalers:  # fp16: the loss scales and their growth counters (resume stays exact)
+        state["scalers"] = {k: s.state_dict() for k, s in run.scalers.items()}
     state.update({name: net.state_dict() for name, net in run.nets.extra_networks().items()})
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
@@ -273,6 +298,9 @@ def load_run_state(run: Run, s: dict) -> None:
         run.ema.load_state_dict(s["ema"])
     for k, o in run.opts.items():
         o.load_state_dict(s["opts"][k])
+    for k, scaler in run.scalers.items():
+        if k in s.get("scalers", {}):
+            scaler.load_state_dict(s["scalers"][k])
     saved = s.get("terms", {})
     for t in run.terms(set(PHASES)):
         if t.name in saved:

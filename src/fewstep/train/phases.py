@@ -20,6 +20,7 @@ from fewstep.train.ema import ema_beta, ema_update
 from fewstep.train.loop import lr_at
 
 GEN, FAKE, DISC = "generator", "fake_score", "discriminator"
+CRITIC = "critic"  # the fake score and GAN head share one backward pass, hence one fp16 GradScaler
 
 
 def set_trainable(run, phase: str) -> None:
@@ -68,14 +69,19 @@ def _grad_norms(name: str, loss: torch.Tensor, gen: GenOut) -> dict:
     return {f"gradnorm_{name}{k}": 0.0 if g is None else float(g.norm()) for k, g in zip(outs, grads)}
 
 
-def _backward(total, batch: Batch, local_batch: int) -> None:
+def _backward(total, batch: Batch, local_batch: int, scaler=None) -> None:
     """Back-propagate one micro-batch's loss, weighted by its share of the local batch, so the
-    summed gradient is that of the mean over the whole local batch (exact for per-sample terms)."""
+    summed gradient is that of the mean over the whole local batch (exact for per-sample terms);
+    fp16 runs scale it by the phase's GradScaler first (``train/precision.py``)."""
     share = len(batch.z) / local_batch
-    (total if share == 1 else total * share).backward()
+    loss = total if share == 1 else total * share
+    (loss if scaler is None else scaler.scale(loss)).backward()
 
 
-def clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -> None:
+def clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0,
+                   scaled: bool = False) -> None:
+    """Clip; a non-finite gradient refuses the step (``BadStep``), except under a GradScaler
+    (``scaled``), whose ``step`` skips it and lowers the loss scale instead (fp16 overflow)."""
     params = [p for p in params if p.grad is not None]
     if max_value > 0:  # SiDA clips the critic by value (sid.md section 5)
         torch.nn.utils.clip_grad_value_(params, max_value)
@@ -83,13 +89,15 @@ def clip_and_check(params, max_norm: float, what: str, max_value: float = 0.0) -
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else 0
-    if not torch.isfinite(torch.as_tensor(norm)):
+    if not scaled and not torch.isfinite(torch.as_tensor(norm)):
         raise BadStep(f"{what} gradient is not finite")
 
 
-def apply_updates(run, specs, terms, bad: dict) -> None:
+def apply_updates(run, specs, terms, bad: dict, scaler=None) -> None:
     """Average gradients over processes; refuse if a term or gradient is not finite anywhere
-    (every process agrees), else clip and step each ``(optimiser name, network, config)``."""
+    (every process agrees), else clip and step each ``(optimiser name, network, config)``; with a
+    GradScaler (fp16) each optimiser's gradients are unscaled before clipping, and an overflow
+    skips that optimiser's step and lowers the scale."""
     params = [p for _, net, _ in specs for p in net.parameters()]
     flags = dist.sync_gradients(params, torch.tensor([float(t.name in bad) for t in terms]))
     names = [t.name for t, f in zip(terms, flags.tolist()) if f > 0]
@@ -97,11 +105,18 @@ def apply_updates(run, specs, terms, bad: dict) -> None:
         raise BadStep("; ".join(f"term '{n}' is {bad[n]}" if n in bad else
                                 f"term '{n}' is not finite on another process" for n in names))
     for name, net, o in specs:  # check everything before stepping anything
-        clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value)
+        if scaler is not None:
+            scaler.unscale_(run.opts[name])
+        clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value, scaler is not None)
     for name, _, o in specs:
         for g in run.opts[name].param_groups:
             g["lr"] = lr_at(o, run.step)
-        run.opts[name].step()
+        if scaler is None:
+            run.opts[name].step()
+        else:
+            scaler.step(run.opts[name])
+    if scaler is not None:
+        scaler.update()
 
 
 def term_states(run) -> dict:
@@ -139,23 +154,30 @@ def generator_update(run, batches, log_norms: bool):
     terms = run.terms({GEN})
     run.opts[GEN].zero_grad(set_to_none=True)
     saved, gens, logs, bad, lam = term_states(run), [], [], {}, {}
-    local = sum(len(b.z) for b in batches)
+    local, scaler = sum(len(b.z) for b in batches), run.scalers.get(GEN)
     for batch in batches:
         gen = None
         if any(t.uses_sample for t in terms):
             gen = run.rollout(run.nets.student, batch, batch.z)
         total, lg = phase_loss(run, terms, batch, gen, log_norms, bad, lam)
         if not bad:
-            _backward(total, batch, local)
+            _backward(total, batch, local, scaler)
         gens.append(_detached(gen))
         logs.append(lg)
     try:
-        apply_updates(run, [(GEN, run.nets.student, run.cfg.optim)], terms, bad)
+        apply_updates(run, [(GEN, run.nets.student, run.cfg.optim)], terms, bad, scaler)
     except BadStep:
         restore_term_states(run, saved)
         raise
     _after_generator_step(run)
-    return (gens[0] if single else gens), mean_logs(logs)
+    return (gens[0] if single else gens), _scale_log(mean_logs(logs), GEN, scaler)
+
+
+def _scale_log(logs: dict, phase: str, scaler) -> dict:
+    """fp16: the phase's loss scale after its update (it halves on each skipped overflow step)."""
+    if scaler is not None:
+        logs[f"amp_scale_{phase}"] = float(scaler.get_scale())
+    return logs
 
 
 def generator_update_index(schedule, step: int) -> int:
@@ -186,6 +208,7 @@ def critic_update(run, batches, gens=None) -> dict:
         if name in run.opts:
             run.opts[name].zero_grad(set_to_none=True)
     logs, bad, local = [], {}, sum(len(b.z) for b in batches)
+    scaler = run.scalers.get(CRITIC)
     for batch, gen in zip(batches, gens):
         if gen is None:
             with torch.no_grad():
@@ -193,10 +216,10 @@ def critic_update(run, batches, gens=None) -> dict:
                 gen = run.rollout(run.nets.student, batch, z)
         total, lg = phase_loss(run, terms, batch, _detached(gen), False, bad, {})
         if not bad:
-            _backward(total, batch, local)
+            _backward(total, batch, local, scaler)
         logs.append(lg)
     specs = [(name, net, o) for name, net, o in ((FAKE, run.nets.fake, run.cfg.fake_optim),
                                                  (DISC, run.nets.head, run.cfg.disc_optim))
              if name in run.opts]
-    apply_updates(run, specs, terms, bad)
-    return mean_logs(logs)
+    apply_updates(run, specs, terms, bad, scaler)
+    return _scale_log(mean_logs(logs), CRITIC, scaler)

@@ -33,6 +33,7 @@ from fewstep.train.control import BadStep, LogAccumulator
 from fewstep.train.ema import ema_beta, ema_update
 from fewstep.train.loop import lr_at, make_optimizer, run_training
 from fewstep.train.phases import clip_and_check
+from fewstep.train.precision import Precision, enable_checkpointing, make_scalers
 from fewstep.train.rng import StepRandom, derive_seed
 
 
@@ -98,6 +99,8 @@ class TeacherState:
     wall_s: float = 0.0
     bad_steps: int = 0
     log_acc: LogAccumulator = field(default_factory=LogAccumulator)
+    precision: Precision | None = None  # autocast of the network's forwards (train.precision)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
     def prepare(self, env, device) -> None:
         pass
@@ -113,8 +116,11 @@ class TeacherState:
     def iteration(self, log_norms: bool = False) -> dict:
         """One step, or a refused step (counted; the step index still advances)."""
         try:
-            logs = {"loss": _train_step(self, self.data, self.cfg, self.device),
-                    "lr": lr_at(self.cfg.optim, self.step)}
+            with self.precision.training() if self.precision else contextlib.nullcontext():
+                logs = {"loss": _train_step(self, self.data, self.cfg, self.device),
+                        "lr": lr_at(self.cfg.optim, self.step)}
+            if self.scaler is not None:
+                logs["amp_scale"] = float(self.scaler.get_scale())
         except BadStep as e:
             self.bad_steps += 1
             logs = {"refused_step": str(e)}
@@ -134,14 +140,19 @@ class TeacherState:
         save_model(out, self.ema, self.spec, meta)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "wall_s": self.wall_s, "bad_steps": self.bad_steps,
-                "log_acc": self.log_acc.state_dict(), "net": self.net.state_dict(),
-                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "rng": ckpt.rng_state()}
+        s = {"step": self.step, "wall_s": self.wall_s, "bad_steps": self.bad_steps,
+             "log_acc": self.log_acc.state_dict(), "net": self.net.state_dict(),
+             "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "rng": ckpt.rng_state()}
+        if self.scaler is not None:
+            s["scaler"] = self.scaler.state_dict()
+        return s
 
     def load_state_dict(self, s: dict) -> None:
         self.net.load_state_dict(s["net"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["opt"])
+        if self.scaler is not None and "scaler" in s:
+            self.scaler.load_state_dict(s["scaler"])
         self.step, self.wall_s, self.bad_steps = s["step"], s["wall_s"], s.get("bad_steps", 0)
         self.log_acc.load_state_dict(s.get("log_acc"))
         ckpt.set_rng_state(s["rng"])
@@ -181,15 +192,22 @@ def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, devic
         with contextlib.nullcontext() if (last or no_sync is None) else no_sync():
             loss = _micro_loss(state, data, cfg, lo, hi, device)
             share = (hi - lo) / local
-            (loss if share == 1 else loss * share).backward()
+            scaled = loss if share == 1 else loss * share
+            (scaled if state.scaler is None else state.scaler.scale(scaled)).backward()
         total = total + loss.detach() * share
     loss = float(dist.all_mean(torch.as_tensor(total, dtype=torch.float64)))
     if not math.isfinite(loss):
         raise BadStep(f"term 'edm' is {loss}")
-    clip_and_check(state.net.parameters(), cfg.optim.grad_clip, "teacher")
+    if state.scaler is not None:  # fp16: unscale, then an overflow skips the step (lowers the scale)
+        state.scaler.unscale_(state.opt)
+    clip_and_check(state.net.parameters(), cfg.optim.grad_clip, "teacher", scaled=state.scaler is not None)
     for group in state.opt.param_groups:
         group["lr"] = lr_at(cfg.optim, state.step)
-    state.opt.step()
+    if state.scaler is None:
+        state.opt.step()
+    else:
+        state.scaler.step(state.opt)
+        state.scaler.update()
     ema_update(state.ema, state.net, ema_beta(state.step, cfg.train.ema_halflife, cfg.train.ema_rampup))
     return loss
 
@@ -215,5 +233,16 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
         state = TeacherState(net, copy.deepcopy(net).requires_grad_(False),
                              make_optimizer(net.parameters(), cfg.optim),
                              dist.shard(env, cfg.train.batch, cfg.train.micro_batch), cfg, data, spec, device)
+        set_teacher_precision(state, cfg.train, device)
         return run_training(env, device, out, to_dict(cfg), "teacher", state, cfg.train, evaluate,
                             progress, desc="teacher", defaults=to_dict(TeacherRunConfig()))
+
+
+def set_teacher_precision(state: TeacherState, t, device) -> None:
+    """``train.precision`` and ``train.checkpointing`` on the trained network (after its EMA copy is
+    made, so the EMA, which is evaluated and exported, has no hooks and runs in float32)."""
+    if t.checkpointing:
+        enable_checkpointing(state.net, "teacher")
+    state.precision = Precision(t.precision, device)
+    state.precision.install([state.net])
+    state.scaler = make_scalers(state.precision, ["teacher"]).get("teacher")

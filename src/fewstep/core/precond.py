@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from fewstep.core.utils import append_dims, as_sigma, mean_flat
+from fewstep.core.utils import HALF, append_dims, as_sigma, mean_flat
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
@@ -108,7 +108,7 @@ def precond_dtype(net_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the preconditioning arithmetic around a network with parameters in ``net_dtype``:
     that dtype, except float32 for half-precision nets (a bf16 teacher, ``train.teacher_dtype``), so
     sigma, ``c_noise`` and the skip ``c_skip x`` keep float32 resolution (as EDM's ``use_fp16``)."""
-    return torch.float32 if net_dtype in (torch.bfloat16, torch.float16) else net_dtype
+    return torch.float32 if net_dtype in HALF else net_dtype
 
 
 class EDMPrecond(nn.Module):

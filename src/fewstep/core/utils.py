@@ -36,11 +36,12 @@ def sum_flat(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(dim=1)
 
 
-_HALF = (torch.bfloat16, torch.float16)
+HALF = (torch.bfloat16, torch.float16)
 
 
-def _up(a):
-    return a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a
+def upcast(a):
+    """A bfloat16/float16 tensor as float32; anything else (float32/64 tensors, non-tensors) as is."""
+    return a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
 
 
 def full_precision(fn):
@@ -49,7 +50,7 @@ def full_precision(fn):
     autocast would otherwise run in bf16/fp16 (``train.precision``, docs/scaling.md)."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        args, kwargs = [_up(a) for a in args], {k: _up(v) for k, v in kwargs.items()}
+        args, kwargs = [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         device = tensors[0].device.type if tensors else "cpu"
         with torch.autocast(device, enabled=False):

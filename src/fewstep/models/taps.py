@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fewstep.core.utils import upcast
 from fewstep.errors import ConfigError
 
 
@@ -117,7 +118,7 @@ def capture(D: nn.Module, paths: list[str], stop_when_done: bool = False):
                 return
             out = out[0] if isinstance(out, tuple) else out
             # features leave the network for loss math: float32 even under autocast (train.precision)
-            store[p] = out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+            store[p] = upcast(out)
             if stop_when_done and len(store) == len(paths):
                 raise _AllTapped
         handles.append(resolve_module(D, p).register_forward_hook(hook))

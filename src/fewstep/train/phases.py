@@ -14,7 +14,7 @@ import copy
 import torch
 
 from fewstep.losses.base import Batch, GenOut
-from fewstep.train import dist
+from fewstep.train import dist, precision
 from fewstep.train.control import BadStep
 from fewstep.train.ema import ema_beta, ema_update
 from fewstep.train.loop import lr_at
@@ -105,16 +105,12 @@ def apply_updates(run, specs, terms, bad: dict, scaler=None) -> None:
         raise BadStep("; ".join(f"term '{n}' is {bad[n]}" if n in bad else
                                 f"term '{n}' is not finite on another process" for n in names))
     for name, net, o in specs:  # check everything before stepping anything
-        if scaler is not None:
-            scaler.unscale_(run.opts[name])
+        precision.unscale(run.opts[name], scaler)
         clip_and_check(net.parameters(), o.grad_clip, name, o.grad_clip_value, scaler is not None)
     for name, _, o in specs:
         for g in run.opts[name].param_groups:
             g["lr"] = lr_at(o, run.step)
-        if scaler is None:
-            run.opts[name].step()
-        else:
-            scaler.step(run.opts[name])
+        precision.step(run.opts[name], scaler)
     if scaler is not None:
         scaler.update()
 

@@ -28,22 +28,20 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fewstep.core.utils import upcast
 from fewstep.errors import ConfigError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEACHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-HALF = (torch.bfloat16, torch.float16)
 SCALED_PHASES = ("generator", "critic")  # distillation: one GradScaler per backward pass
 
 
 def to_float32(out):
     """Half-precision tensors in a network's output (a tensor or a tuple/list of them) -> float32;
     float32/float64 outputs are left as they are."""
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.dtype in HALF else out
     if isinstance(out, tuple | list):
         return type(out)(to_float32(o) for o in out)
-    return out
+    return upcast(out)
 
 
 class Precision:
@@ -94,6 +92,21 @@ class Precision:
             self.armed = False
             while self._stack:  # a forward that raised before its hook ran: leave its context
                 self._stack.pop()[1].__exit__(None, None, None)
+
+
+def unscale(opt, scaler) -> None:
+    """fp16: the gradients of ``opt``'s parameters back to their true size before clipping."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+
+
+def step(opt, scaler) -> None:
+    """``opt.step()``, or under a GradScaler its step (skipped, with the scale lowered, on overflow;
+    call ``scaler.update()`` once after every optimiser of the backward pass has stepped)."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
 
 
 def make_scalers(precision: Precision, names) -> dict:

@@ -33,7 +33,7 @@ from fewstep.train.control import BadStep, LogAccumulator
 from fewstep.train.ema import ema_beta, ema_update
 from fewstep.train.loop import lr_at, make_optimizer, run_training
 from fewstep.train.phases import clip_and_check
-from fewstep.train.precision import Precision, enable_checkpointing, make_scalers
+from fewstep.train.precision import Precision, enable_checkpointing, make_scalers, step, unscale
 from fewstep.train.rng import StepRandom, derive_seed
 
 
@@ -198,15 +198,12 @@ def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, devic
     loss = float(dist.all_mean(torch.as_tensor(total, dtype=torch.float64)))
     if not math.isfinite(loss):
         raise BadStep(f"term 'edm' is {loss}")
-    if state.scaler is not None:  # fp16: unscale, then an overflow skips the step (lowers the scale)
-        state.scaler.unscale_(state.opt)
+    unscale(state.opt, state.scaler)  # fp16: an overflow then skips the step (and lowers the scale)
     clip_and_check(state.net.parameters(), cfg.optim.grad_clip, "teacher", scaled=state.scaler is not None)
     for group in state.opt.param_groups:
         group["lr"] = lr_at(cfg.optim, state.step)
-    if state.scaler is None:
-        state.opt.step()
-    else:
-        state.scaler.step(state.opt)
+    step(state.opt, state.scaler)
+    if state.scaler is not None:
         state.scaler.update()
     ema_update(state.ema, state.net, ema_beta(state.step, cfg.train.ema_halflife, cfg.train.ema_rampup))
     return loss

@@ -33,6 +33,7 @@ student's levels, and the written pipeline is run against the student on a few s
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -51,9 +52,11 @@ LCM_TIMESTEP_SCALING = 1e6  # LCM's boundary scalings c_skip = 0.25/((1e6 t)^2 +
 class Plan:
     unet: torch.nn.Module
     scheduler: object
-    kind: str                      # "euler" | "lcm" | "cm"
-    exact_pipeline: bool
+    kind: str                      # "euler" | "lcm" | "cm" | "edm_euler"
+    exact_pipeline: bool           # pipe(num_inference_steps=k) is the student
     notes: list[str] = field(default_factory=list)
+    set_timesteps: dict | None = None   # scheduler.set_timesteps(**this) gives the student's levels
+    pipe_sigmas: list[float] | None = None  # the levels pipe(num_inference_steps=k) visits, if others
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -201,33 +204,226 @@ def _cm_grid(sigmas: list[float], sigma_min: float) -> tuple[int, float]:
     return 3, math.sqrt(lo * hi)
 
 
-def _own_unet_plan(G, sigmas: list[float], renoise: str) -> Plan:
-    """Students of fewstep's own UNet teachers (EDMPrecond around UNetRaw)."""
-    from diffusers import CMStochasticIterativeScheduler, UNet2DModel
+def karras_levels(ramp, s_max: float, s_min: float, rho: float):
+    """EDM eq. 5 at ramp positions in [0, 1] (numpy or torch, float64), as diffusers' Karras schedulers."""
+    return (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
 
-    k = len(sigmas)
-    if k > 2 or (k == 2 and renoise != "fresh"):
-        raise ModelError(f"a {k}-step {renoise} student of a fewstep UNet teacher has no diffusers "
-                         "scheduler that reproduces it (CMStochasticIterativeScheduler holds 1-step students "
-                         "and 2-step fresh ones); see docs/bring-your-model.md")
+
+def karras_ramp(levels, s_max: float, s_min: float, rho: float) -> list[float]:
+    """The inverse: ramp positions at which a Karras schedule from s_max to s_min has these levels."""
+    a, b = s_max ** (1 / rho), s_min ** (1 / rho)
+    return [(a - s ** (1 / rho)) / (a - b) for s in levels]
+
+
+RAMP_SEARCH_TOL = 0.9 * LEVEL_RTOL  # leaves room for diffusers' float32 cast of the levels (6e-8)
+RAMP_SEARCH_MAX_N = 4096          # num_train_timesteps bound of the integer-ramp search (~5 s)
+RHO_RANGE = (1.5, 30.0)
+
+
+def _rho_for_last(levels, s_min: float, ramp_last):
+    """rho (vectorised) at which the Karras ramp position ``ramp_last`` holds the last level exactly."""
+    import numpy as np
+
+    s0, s_last = levels[0], levels[-1]
+    if s_min == 0:  # s_last = s0 (1 - r)^rho
+        return np.log(s_last / s0) / np.log1p(-ramp_last)
+    lo = np.full(ramp_last.shape, math.log(RHO_RANGE[0]))
+    hi = np.full(ramp_last.shape, math.log(RHO_RANGE[1]))
+    for _ in range(50):  # the position of s_last decreases in rho
+        mid = (lo + hi) / 2
+        r = (s0 ** (1 / np.exp(mid)) - s_last ** (1 / np.exp(mid))) / \
+            (s0 ** (1 / np.exp(mid)) - s_min ** (1 / np.exp(mid)))
+        lo, hi = np.where(r > ramp_last, mid, lo), np.where(r > ramp_last, hi, mid)
+    return np.exp((lo + hi) / 2)
+
+
+def cm_integer_ramp(levels: list[float], s_min: float) -> tuple[int, float, list[int]] | None:
+    """(num_train_timesteps N, rho, ramp indices j_i) such that CMStochasticIterativeScheduler's Karras
+    ramp ``j_i / (N - 1)`` (custom ``timesteps``) gives every level to ``RAMP_SEARCH_TOL`` relative; the
+    smallest such N, or None. For each N and each integer position of the last level, rho is solved from
+    the last level and the other positions are rounded: a simultaneous rational approximation of the
+    levels' ramp positions with one continuous parameter (rho)."""
+    import numpy as np
+
+    s = np.asarray(levels, dtype=np.float64)
+    r_hi, r_lo = (np.asarray(karras_ramp([s[-1]], s[0], s_min, rho)) for rho in RHO_RANGE)
+    n = len(s)
+    while n <= RAMP_SEARCH_MAX_N:  # blocks of about 2e5 (N, position) pairs, smallest N first
+        ns = np.arange(n, min(n + max(16, min(n, 200_000 // n)), RAMP_SEARCH_MAX_N + 1))
+        q = ns - 1
+        lo, hi = np.ceil(r_lo * q).astype(np.int64), np.floor(np.minimum(r_hi * q, q - 1)).astype(np.int64)
+        counts = np.maximum(hi - lo + 1, 0)
+        qq = np.repeat(q, counts)
+        jl = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        rho = _rho_for_last(s, s_min, jl / qq)
+        ok, js = np.isfinite(rho), [jl]
+        for si in s[-2:0:-1]:
+            a, b = s[0] ** (1 / rho), s_min ** (1 / rho)
+            j = np.round((a - si ** (1 / rho)) / (a - b) * qq)
+            ok &= np.abs(karras_levels(j / qq, s[0], s_min, rho) / si - 1) <= RAMP_SEARCH_TOL
+            js.insert(0, j)
+        ok &= np.abs(karras_levels(jl / qq, s[0], s_min, rho) / s[-1] - 1) <= RAMP_SEARCH_TOL
+        ok &= np.all(np.diff(np.stack([np.zeros_like(jl), *js]), axis=0) > 0, axis=0)
+        if ok.any():
+            i = int(np.argmax(ok))
+            return int(qq[i]) + 1, float(rho[i]), [0] + [int(j[i]) for j in js]
+        n = int(ns[-1]) + 1
+    return None
+
+
+def fit_rho(levels: list[float]) -> float:
+    """rho whose k-point Karras schedule from levels[0] to levels[-1] (what ``EDMEulerScheduler.
+    set_timesteps(k)`` builds) is closest to the interior levels in log (exact for k <= 3 when a
+    rho in RHO_RANGE holds them). Golden-section search in ln rho."""
+    k = len(levels)
+    if k <= 2:
+        return 7.0
+    pos = [i / (k - 1) for i in range(1, k - 1)]
+
+    def loss(log_rho):
+        rho = math.exp(log_rho)
+        return sum((math.log(karras_levels(p, levels[0], levels[-1], rho)) - math.log(s)) ** 2
+                   for p, s in zip(pos, levels[1:-1]))
+
+    a, b = math.log(0.25), math.log(1000.0)
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        c, d = b - g * (b - a), a + g * (b - a)
+        a, b = (a, d) if loss(c) < loss(d) else (c, b)
+    return math.exp((a + b) / 2)
+
+
+def _own_unet_copy(G):
+    """fewstep's UNetRaw as a plain UNet2DModel (labels: the bias-free Linear(one-hot) is an embedding
+    table, W[:, c])."""
+    from diffusers import UNet2DModel
+
     raw = G.net.unet
     config = {kk: v for kk, v in dict(raw.config).items() if not kk.startswith("_")}
     num_classes = int(G.num_classes or 0)
     config.update(class_embed_type=None, num_class_embeds=num_classes or None)
     unet = UNet2DModel.from_config(config)
     state = raw.state_dict()
-    if num_classes:  # fewstep's bias-free Linear(one-hot) is an embedding table: W[:, c]
+    if num_classes:
         state["class_embedding.weight"] = G.net.embed_label.weight.detach().T.contiguous()
     unet.load_state_dict(state)
+    return unet.float().eval()
+
+
+def own_unet_timesteps(sigmas: list[float]) -> torch.Tensor:
+    """The timesteps fewstep's UNetRaw sees at these levels: ``1000 (ln sigma / 4)`` computed in float32
+    from the float32 sigma the Student hands G (EDMPrecond's c_noise, UNetRaw's TIMESTEP_SCALE)."""
+    from fewstep.models.unet import TIMESTEP_SCALE
+
+    return (TIMESTEP_SCALE * (torch.tensor(sigmas, dtype=torch.float32).log() / 4)).float()
+
+
+def _own_unet_plan(G, sigmas: list[float], renoise: str) -> Plan:
+    """Students of fewstep's own UNet teachers (EDMPrecond around UNetRaw)."""
+    if getattr(G, "objective", "edm") != "edm":
+        raise ModelError("students of fewstep flow-objective UNet teachers are not exported to diffusers: "
+                         "no diffusers scheduler has the rectified-flow scalings starting from sigma_0 z")
+    unet = _own_unet_copy(G)
+    if len(sigmas) == 1 or renoise == "fresh":
+        return _cm_plan(G, unet, sigmas)
+    if G.boundary:
+        raise ModelError(f"a {len(sigmas)}-step ddim consistency student of a fewstep UNet teacher "
+                         "cannot be exported: EDMEulerScheduler (the ddim move) has EDM scalings, not the "
+                         "boundary ones")
+    return _edm_euler_plan(G, unet, sigmas)
+
+
+def _check_cm_renoise(sigmas: list[float], sigma_min: float) -> None:
+    """CM re-noises to ``sqrt(sigma^2 - sigma_min^2)`` (openai/consistency_models), fewstep to sigma."""
+    worst = max((1 - math.sqrt(1 - (sigma_min / s) ** 2) for s in sigmas[1:]), default=0.0)
+    if worst > LEVEL_RTOL:
+        raise ModelError(f"a {len(sigmas)}-step consistency student with levels {sigmas} cannot be exported: "
+                         "CMStochasticIterativeScheduler re-noises to sqrt(sigma^2 - sigma_min^2), fewstep "
+                         f"to sigma (relative {worst:.2g} > {LEVEL_RTOL:g} at sigma_min={sigma_min:g})")
+
+
+def _cm_plan(G, unet, sigmas: list[float]) -> Plan:
+    """1-step students and ``fresh`` ones: CMStochasticIterativeScheduler (c_in, EDM / boundary scalings,
+    timestep 250 ln sigma and fresh re-noising are fewstep's; no re-fit)."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    k = len(sigmas)
     sigma_min = float(G.boundary_sigma_min) if G.boundary else 0.0
-    n, rho = _cm_grid(sigmas, sigma_min)
-    sched = CMStochasticIterativeScheduler(num_train_timesteps=n, sigma_min=sigma_min, sigma_max=sigmas[0],
-                                           sigma_data=float(G.sigma_data), rho=rho, clip_denoised=False)
-    sched.set_timesteps(k)
-    _check_levels(sched.sigmas[:-1], sigmas, "CMStochasticIterativeScheduler")
-    if k == 2:  # CM re-noises with sqrt(sigma^2 - sigma_min^2)
-        _check_levels([math.sqrt(sigmas[1] ** 2 - sigma_min**2)], sigmas[1:], "CM re-noising")
-    return Plan(unet.float().eval(), sched, "cm", True)
+    _check_cm_renoise(sigmas, sigma_min)
+    common = dict(sigma_min=sigma_min, sigma_max=sigmas[0], sigma_data=float(G.sigma_data),
+                  clip_denoised=False)
+    if k <= 2:  # the default grid holds them: pipe(num_inference_steps=k) is the student
+        n, rho = _cm_grid(sigmas, sigma_min)
+        sched = CMStochasticIterativeScheduler(num_train_timesteps=n, rho=rho, **common)
+        sched.set_timesteps(k)
+        _check_levels(sched.sigmas[:-1], sigmas, "CMStochasticIterativeScheduler")
+        return Plan(unet, sched, "cm", True, set_timesteps={"num_inference_steps": k})
+    found = cm_integer_ramp(sigmas, sigma_min)
+    if found is None:
+        raise ModelError(f"no CMStochasticIterativeScheduler grid of <= {RAMP_SEARCH_MAX_N} timesteps holds "
+                         f"the levels {sigmas} to {RAMP_SEARCH_TOL:.2g}; Karras-shaped levels (fewstep's "
+                         "defaults) fit, or export a ddim student")
+    n, rho, ramp = found
+    timesteps = ramp[::-1]  # diffusers takes them descending and reverses them into the ramp
+    sched = CMStochasticIterativeScheduler(num_train_timesteps=n, rho=rho, **common)
+    other = CMStochasticIterativeScheduler.from_config(sched.config)
+    other.set_timesteps(k)
+    sched.set_timesteps(timesteps=timesteps)
+    _check_levels(sched.sigmas[:-1], sigmas, "CMStochasticIterativeScheduler with custom timesteps")
+    pipe_sigmas = [float(s) for s in other.sigmas[:-1]]
+    exact = bool(torch.allclose(other.sigmas[:-1].double(), sched.sigmas[:-1].double(),
+                                rtol=LEVEL_RTOL, atol=0))
+    notes = [] if exact else [
+        f"pipe(timesteps={timesteps}) is the student exactly; pipe(num_inference_steps={k}) runs the same "
+        f"network at the scheduler's default levels {[round(s, 6) for s in pipe_sigmas]} instead"]
+    return Plan(unet, sched, "cm", exact, notes, set_timesteps={"timesteps": timesteps},
+                pipe_sigmas=pipe_sigmas)
+
+
+def _edm_euler_plan(G, unet, sigmas: list[float]) -> Plan:
+    """``ddim`` students with k >= 2: EDMEulerScheduler. Its EDM scalings ("epsilon": c_out = +sigma
+    sigma_data / sqrt(sigma^2 + sigma_data^2), as EDM's) and Euler step to the next sigma are the ddim
+    move; its timestep is ``0.25 ln sigma`` where fewstep's UNet takes ``250 ln sigma``, so the time
+    MLP's first layer is re-fitted. ``set_timesteps(sigmas=ramp)`` (a Karras ramp position per level)
+    holds any levels; ``set_timesteps(k)`` the Karras ramp ``linspace(0, 1, k)`` with the fitted rho."""
+    from diffusers import EDMEulerScheduler
+
+    k = len(sigmas)
+    rho = fit_rho(sigmas)
+    sched = EDMEulerScheduler(sigma_min=sigmas[-1], sigma_max=sigmas[0], sigma_data=float(G.sigma_data),
+                              sigma_schedule="karras", rho=rho, prediction_type="epsilon",
+                              final_sigmas_type="zero")
+    ramp = karras_ramp(sigmas, sigmas[0], sigmas[-1], rho)
+    ramp[0], ramp[-1] = 0.0, 1.0
+    other = EDMEulerScheduler.from_config(sched.config)
+    other.set_timesteps(k)
+    sched.set_timesteps(sigmas=torch.tensor(ramp, dtype=torch.float64))
+    _check_levels(sched.sigmas[:-1], sigmas, "EDMEulerScheduler with a custom ramp")
+    # the exact loop's timesteps map to what the student's UNet saw; pipe()'s too when the first layer
+    # has room (pipe() visits nearby levels when the student's are not a k-point Karras ramp)
+    t_old, t_exact, t_pipe = own_unet_timesteps(sigmas), sched.timesteps.float(), other.timesteps.float()
+    same = torch.equal(t_pipe, t_exact)
+    fits = [] if same else [(torch.cat([t_exact, t_pipe]), torch.cat([t_old, t_old]))]
+    for t_new, t_tgt in [*fits, (t_exact, t_old)]:
+        fitted = copy.deepcopy(unet)
+        residual = refit_time_embedding(fitted, t_new, t_tgt)
+        if residual <= 1e-5:
+            break
+    unet, pipe_fitted = fitted, same or len(t_new) > k
+    if not residual <= 1e-5:
+        raise ModelError(f"re-fitting the UNet's time embedding to {k} timesteps left a relative residual "
+                         f"{residual:.2g}; the UNet's first channel count is too small for {k} levels")
+    pipe_sigmas = [float(s) for s in other.sigmas[:-1]]
+    s0 = sigmas[0]
+    notes = [f"pipe(num_inference_steps={k}) starts from sqrt(sigma_max^2 + 1) z (EDMEulerScheduler's "
+             f"init_noise_sigma) where fewstep starts at sigma_0 z: a factor {math.sqrt(1 + s0 ** -2):.8f} "
+             f"on the first input, and visits the levels {[round(s, 6) for s in pipe_sigmas]}"
+             + ("" if pipe_fitted else " at timesteps the time embedding was not re-fitted for (the UNet's "
+                                       "first layer has no room for both sets)")
+             + "; fewstep.models.export_diffusers.sample_exported with the recorded set_timesteps samples "
+               "the student exactly"]
+    return Plan(unet, sched, "edm_euler", False, notes,
+                set_timesteps={"sigmas": ramp}, pipe_sigmas=pipe_sigmas)
 
 
 def plan_export(G, sigmas: list[float], renoise: str) -> Plan:
@@ -249,17 +445,34 @@ def plan_export(G, sigmas: list[float], renoise: str) -> Plan:
 
 
 # --- sampling the export --------------------------------------------------------------------------------
+def set_student_timesteps(scheduler, set_timesteps: dict) -> None:
+    """``scheduler.set_timesteps`` with an export record's ``set_timesteps`` (JSON: EDMEulerScheduler's
+    ``sigmas`` ramp must be a float64 tensor)."""
+    kwargs = dict(set_timesteps)
+    if "sigmas" in kwargs:
+        kwargs["sigmas"] = torch.tensor(kwargs["sigmas"], dtype=torch.float64)
+    scheduler.set_timesteps(**kwargs)
+
+
 @torch.no_grad()
-def sample_exported(unet, scheduler, z: torch.Tensor, class_labels=None, generator=None) -> torch.Tensor:
+def sample_exported(unet, scheduler, z: torch.Tensor, class_labels=None, generator=None,
+                    set_timesteps: dict | None = None) -> torch.Tensor:
     """The exact k-step sampler of an exported student with diffusers' own classes (the documented
-    "few lines"): diffusers' loop after ``scheduler.set_timesteps(k)``, started at fewstep's ``sigma_0 z``
-    (``init_noise_sigma`` for Euler / CM; for LCM ``sqrt(1 - abar_0) z``, which is sigma_0 z in VP units,
-    where ``pipe()`` uses ``z``). ``generator`` draws the re-noising noise."""
-    if not getattr(scheduler, "num_inference_steps", None):
+    "few lines"): diffusers' loop after ``scheduler.set_timesteps(k)`` (or, given the export record's
+    ``set_timesteps``, after :func:`set_student_timesteps`), started at fewstep's ``sigma_0 z``
+    (``init_noise_sigma`` for Euler / CM; ``sigmas[0]`` for EDMEuler, whose init_noise_sigma is
+    ``sqrt(sigma_max^2 + 1)``; for LCM ``sqrt(1 - abar_0) z``, which is sigma_0 z in VP units, where
+    ``pipe()`` uses ``z``). ``generator`` draws the re-noising noise."""
+    if set_timesteps is not None:
+        set_student_timesteps(scheduler, set_timesteps)
+    elif not getattr(scheduler, "num_inference_steps", None):
         raise ModelError("call scheduler.set_timesteps(k) first")
+    name = type(scheduler).__name__
     x = z * scheduler.init_noise_sigma
-    if type(scheduler).__name__ == "LCMScheduler":
+    if name == "LCMScheduler":
         x = z * (1 - scheduler.alphas_cumprod[scheduler.timesteps[0]]) ** 0.5
+    elif name == "EDMEulerScheduler":
+        x = z * scheduler.sigmas[0]
     for t in scheduler.timesteps:
         out = unet(scheduler.scale_model_input(x, t), t, class_labels=class_labels).sample
         x = scheduler.step(out, t, x, generator=generator).prev_sample
@@ -286,34 +499,69 @@ def student_on_diffusers_noise(student, shape, labels, seed: int) -> tuple[torch
 
 
 @torch.no_grad()
-def verify_export(out: Path, student, G, n: int = 4) -> float:
+def verify_export(out: Path, student, G, n: int = 4,
+                  set_timesteps: dict | None = None) -> tuple[float, float]:
     """Reload ``out`` with diffusers' own classes and compare :func:`sample_exported` with the student on
-    ``n`` samples (same noise stream). Returns the max |difference|; refuses above ``CHECK_ATOL``."""
+    ``n`` samples (same noise stream); refuses above ``CHECK_ATOL``. Also measures
+    ``pipe(num_inference_steps=k)`` against the student's images (``output_type="np"``, [0, 1]).
+    Returns (max |exact - student|, max |pipe image - student image|)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     shape = (n, c, *((size, size) if isinstance(size, int) else size))
     labels = torch.arange(n) % student.num_classes if student.num_classes else None
     z, ours = student_on_diffusers_noise(student, shape, labels, seed=0)
     g = torch.Generator().manual_seed(0)
     torch.randn(shape, generator=g)  # z was the first draw
-    pipe.scheduler.set_timesteps(student.num_steps)
-    theirs = sample_exported(pipe.unet, pipe.scheduler, z, unet_class_labels(G, labels), generator=g)
+    theirs = sample_exported(pipe.unet, pipe.scheduler, z, unet_class_labels(G, labels), generator=g,
+                             set_timesteps=set_timesteps or {"num_inference_steps": student.num_steps})
     diff = float((ours.double() - theirs.double()).abs().max())
     bound = CHECK_ATOL * max(1.0, float(ours.abs().max()))  # float32 rounding scales with the output
     if not diff <= bound:
         raise ModelError(f"the written pipeline in {out} differs from the student by {diff:.3g} "
                          f"(> {bound:.3g}); please report this")
-    return diff
+    images = pipe(batch_size=n, class_labels=unet_class_labels(G, labels),
+                  num_inference_steps=student.num_steps, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    pipe_diff = float(abs(images - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max())
+    return diff, pipe_diff
 
 
 # --- writing ------------------------------------------------------------------------------------------
+def _write_checked(plan: Plan, out: Path, student, G, steps: dict) -> tuple[float, float]:
+    """Save the pipeline next to ``out``, check it (:func:`verify_export`), and only then move it to
+    ``out``: a failed check leaves nothing behind."""
+    import shutil
+
+    from diffusers import ConsistencyModelPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()  # the reload's accelerate / progress chatter is not the user's
+    diffusers_logging.disable_progress_bar()
+    try:
+        ConsistencyModelPipeline(unet=plan.unet, scheduler=plan.scheduler).save_pretrained(partial)
+        checks = verify_export(partial, student, G, set_timesteps=steps)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        diffusers_logging.set_verbosity(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    if out.exists():
+        out.rmdir()  # checked empty above
+    partial.rename(out)
+    return checks
+
+
 def export_diffusers(run: str | Path, out: str | Path) -> dict:
     """``fewstep export RUN --format diffusers --out DIR``: write ``DIR`` (model_index.json, unet/,
     scheduler/, fewstep_export.json), check it, and return the export record."""
-    from diffusers import ConsistencyModelPipeline
-
     from fewstep.models.io import load_model
     from fewstep.models.student import Student
 
@@ -326,14 +574,22 @@ def export_diffusers(run: str | Path, out: str | Path) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; choose a new --out directory")
-    ConsistencyModelPipeline(unet=plan.unet, scheduler=plan.scheduler).save_pretrained(out)
-    check = verify_export(out, Student(G, sigmas, renoise=renoise).eval(), G)
     k = len(sigmas)
+    steps = plan.set_timesteps or {"num_inference_steps": k}
+    check, pipe_check = _write_checked(plan, out, Student(G, sigmas, renoise=renoise).eval(), G, steps)
+    call = f"timesteps={steps['timesteps']}" if "timesteps" in steps else f"num_inference_steps={k}"
     record = {"format": "fewstep-diffusers-export", "student": str(Path(run).resolve()),
               "pipeline": "ConsistencyModelPipeline", "scheduler": type(plan.scheduler).__name__,
               "steps": k, "sigmas": sigmas, "renoise": renoise, "pipeline_is_exact": plan.exact_pipeline,
-              "self_check_max_abs_diff": check,
-              "usage": f"DiffusionPipeline.from_pretrained(DIR)(batch_size=N, num_inference_steps={k}, "
-                       "output_type='np')", "notes": plan.notes}
+              "set_timesteps": steps, "pipe_sigmas": plan.pipe_sigmas or sigmas,
+              "self_check_max_abs_diff": check, "pipe_num_inference_steps_max_image_diff": pipe_check,
+              "usage": f"DiffusionPipeline.from_pretrained(DIR)(batch_size=N, {call}, output_type='np')"
+                       if "sigmas" not in steps else
+                       "fewstep.models.export_diffusers.sample_exported(pipe.unet, pipe.scheduler, z, "
+                       "set_timesteps=<set_timesteps of fewstep_export.json>) (exact; "
+                       f"pipe(num_inference_steps={k}) approximately)",
+              "notes": plan.notes + ([] if plan.exact_pipeline else [
+                  f"measured on the self-check samples: pipe(num_inference_steps={k}) images differ from the "
+                  f"student's by at most {pipe_check:.2g} (images in [0, 1])"])}
     (out / "fewstep_export.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

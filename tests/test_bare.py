@@ -84,3 +84,22 @@ def test_profile_labels_every_piece_and_change_nothing(teacher):
     assert [t for m in b.methods for t in m.terms] == terms  # restored
     for (k, x), y in zip(a.nets.student.state_dict().items(), b.nets.student.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+def test_timings_start_after_el_calibration(teacher):
+    """`fewstep perf` times the steady state: its warm-up runs whole update cycles until EL's lambda is
+    calibrated (the first calib_steps generator updates take two extra gradients each), and no longer."""
+    from fewstep.bench.perf import warm_up
+
+    cfg = distill_config(teacher, "dmd", {"el": 1.0}, ["train.batch=16", "el.calib_steps=3"])
+    run = build_run(cfg, torch.device("cpu"))
+    setup_methods(run)
+    (term,) = [t for t in run.terms({"generator"}) if t.name == "el"]
+    assert term.warming_up()
+    done = warm_up(run)
+    ratio = cfg.schedule.ratio
+    assert not term.warming_up() and done % ratio == 0
+    assert len(term.ratios) == 3 and done <= ratio * (3 + 2)  # DMD's first update has g_base = 0
+    plain = build_run(distill_config(teacher, "dmd", overrides=["train.batch=16"]), torch.device("cpu"))
+    setup_methods(plain)
+    assert warm_up(plain) == ratio  # nothing warms up: one cycle

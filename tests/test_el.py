@@ -102,20 +102,24 @@ def test_4_scale_invariance_of_the_gaussian_arm():
     assert torch.allclose(el.mmd2_linear_rho(x, y)[0], el.mmd2_linear_rho(37.0 * x, 37.0 * y)[0])
 
 
-def test_pooled_kernel_equals_shared_estimator_and_autograd():
+@pytest.mark.parametrize("mult", [MULT, [0.3, 1.0, 3.0]])  # the squaring ladder, and plain exps
+def test_pooled_kernel_equals_shared_estimator_and_autograd(mult):
     """The analytic-gradient kernel equals core.kernels.mmd2_unbiased at the pooled h, in value and
-    gradient (the code shared with the ``mmd`` metric)."""
+    gradient (the code shared with the ``mmd`` metric), with h from explicit differences."""
     from fewstep.core.kernels import mmd2_unbiased
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(7, 4, dtype=torch.float64, generator=g).requires_grad_()
     y = (torch.randn(9, 4, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
-    val, h = mmd2_unbiased_pooled(x, y, MULT)
+    val, h = mmd2_unbiased_pooled(x, y, mult)
     z = torch.cat([x, y]).detach()
-    ref = mmd2_unbiased(x, y, pooled_bandwidth(sq_dists(z, z)) * torch.tensor(MULT, dtype=torch.float64))
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+    assert torch.allclose(sq_dists(z, z), d2, rtol=0, atol=1e-13)
+    assert torch.allclose(h, d2.sum() / (16 * 15), rtol=1e-14)
+    ref = mmd2_unbiased(x, y, h * torch.tensor(mult, dtype=torch.float64))
     assert torch.allclose(val, ref, atol=1e-15) and not h.requires_grad
     for a, b in zip(torch.autograd.grad(val, (x, y)), torch.autograd.grad(ref, (x, y))):
-        assert torch.allclose(a, b, atol=1e-15)
+        assert torch.allclose(a, b, atol=1e-14)
 
 
 def test_8_averaging_over_K():

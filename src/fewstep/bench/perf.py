@@ -5,7 +5,8 @@
   per round); each student's ratio is the median over rounds of its rate over the teacher's rate in
   the same round.
 * Training: seconds per iteration of each method configuration, built from the same teacher with
-  its default preset, timed over whole update-ratio cycles after warm-up; reported over dmd's.
+  its default preset, timed over whole update-ratio cycles after warm-up (at least one cycle, and
+  until every term's warm-up, e.g. EL's lambda calibration, is over); reported over dmd's.
 The configurations alternate in rounds so slow drifts of machine load affect all of them alike.
 """
 
@@ -46,6 +47,23 @@ def time_sampling(paths: list, batch: int = 256, rounds: int = 5, min_s: float =
             for p, v in zip(paths, rates)}
 
 
+WARMUP_MAX_ITERS = 5000
+
+
+def warm_up(run) -> int:
+    """Whole update cycles until no term is warming up (``Term.warming_up``: EL's calibration), at least
+    one: timings are of the steady state a long run spends its time in. Returns the iterations run."""
+    from fewstep.losses.base import PHASES
+    from fewstep.train.distill import train_iteration
+
+    done = 0
+    while done == 0 or (any(t.warming_up() for t in run.terms(set(PHASES))) and done < WARMUP_MAX_ITERS):
+        for _ in range(run.cfg.schedule.ratio):
+            train_iteration(run)
+        done += run.cfg.schedule.ratio
+    return done
+
+
 def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
     """Median seconds per iteration for each resolved ``DistillRunConfig`` in ``configs``."""
     from fewstep.train.distill import build_run, setup_methods, train_iteration
@@ -53,8 +71,7 @@ def time_training(configs: dict, iters: int = 20, rounds: int = 3) -> dict:
     runs = {name: build_run(cfg, torch.device("cpu")) for name, cfg in configs.items()}
     for run in runs.values():
         setup_methods(run)
-        for _ in range(run.cfg.schedule.ratio):  # warm-up: one full update cycle
-            train_iteration(run)
+        warm_up(run)
     times: dict[str, list[float]] = {n: [] for n in runs}
     for _ in range(rounds):
         for name, run in runs.items():

@@ -93,14 +93,14 @@ def labelled_run(run):
 
 def profile_iterations(cfg, iters: int = 20) -> dict:
     """Milliseconds per iteration of each piece of ``iters`` iterations (rounded up to whole
-    update cycles) of the run ``cfg`` builds, after a one-cycle warm-up."""
+    update cycles) of the run ``cfg`` builds, after :func:`fewstep.bench.perf.warm_up`."""
+    from fewstep.bench.perf import warm_up
     from fewstep.train.distill import build_run, setup_methods, train_iteration
 
     run = build_run(cfg, torch.device("cpu"))
     setup_methods(run)
     ratio = cfg.schedule.ratio
-    for _ in range(ratio):
-        train_iteration(run)
+    warm_up(run)
     n = max(iters // ratio, 1) * ratio
     with labelled_run(run), profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()

@@ -139,6 +139,11 @@ class Term:
     def load_state_dict(self, d: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def warming_up(self) -> bool:
+        """True while an update costs more than it will in steady state (EL's calibration takes two
+        extra gradients per update); timings (``fewstep perf``) start after it."""
+        return False
+
     def calibrated_weight(self, params, base_loss, term_loss, step: int, all_mean=None) -> float:
         """This generator update's weight when ``calibrates`` (EL's gradient-ratio rule): called once
         per update (first micro-batch) with the student's trainable ``params``, the weighted sum of

@@ -165,6 +165,9 @@ class ELTerm(Term):
         self._logs = {"el": loss.detach(), "el_h" if self.cfg.kernel == "gauss" else "el_rho2": stat}
         return LossOutput(loss, self._logs)
 
+    def warming_up(self) -> bool:
+        return self.cfg.calibrate and self.frozen is None
+
     def calibrated_weight(self, params, base_loss, term_loss, step: int, all_mean=None) -> float:
         """lambda for this generator update (section 5); ``base_loss`` is the weighted base sum;
         ``all_mean`` averages over processes (see :func:`grad_stats`)."""

@@ -117,3 +117,25 @@ def test_digits_seeds_zero_drops_digits8_and_keeps_the_rest():
     assert any(j.tags["data"] == "digits8" for j in full)
     assert none and all(j.tags["data"] != "digits8" for j in none)
     assert {j.name for j in none} == {j.name for j in full if j.tags["data"] != "digits8"}
+
+
+def test_normalizer_suite_arms_differ_only_in_the_normalizer():
+    """Issue 20.2: the three dmd.normalizer arms share every other setting, on grid25 and on the shipped
+    imbalanced10 mixture file (installed with the package, read as a user's file)."""
+    from pathlib import Path
+
+    from fewstep.bench.suites import ASSET_DATA, NORMALIZERS, SUITES
+    from fewstep.data.loaders import read_mixture_file
+
+    mix = read_mixture_file(Path(ASSET_DATA["imbalanced10"]))
+    w = mix.weights.double()
+    assert len(w) == 10 and abs(float(w.sum()) - 1) < 1e-5 and float(w.max() / w.min()) > 25
+    jobs = [j for j in SUITES["normalizer"]() if j.kind == "distill"]
+    for data in ("grid25", "imbalanced10"):
+        for seed in (0, 1, 2):
+            arms = [j for j in jobs if j.tags["data"] == data and j.tags["seed"] == seed]
+            rest = {tuple(a for a in j.args if not a.startswith("dmd.normalizer=") and a != "{out}")
+                    for j in arms}
+            assert len(arms) == len(NORMALIZERS) and len(rest) == 1
+            assert sorted(a for j in arms for a in j.args if a.startswith("dmd.normalizer=")) == \
+                sorted(f"dmd.normalizer={n}" for n in NORMALIZERS)

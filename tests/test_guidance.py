@@ -557,3 +557,53 @@ def test_diffusers_teacher_with_a_null_class_is_guidable(tmp_path):
         assert torch.equal(guided(D, 1.0)(x, s, c), D(x, s, c))
         g, cond, unc = guided(D, 3.0)(x, s, c), D(x, s, c), D(x, s, torch.full((3,), -1))
     assert torch.allclose(g, unc + 3 * (cond - unc), atol=1e-5) and not torch.allclose(cond, unc)
+
+
+def test_teacher_score_exact_replaces_every_teacher_call(cond_teacher, tmp_path, capsys):
+    """teacher_score=exact (the separating run of docs/guidance.md): the real score is grid25c's exact
+    denoiser, which reads the network teacher's null label as unconditional, while student and fake
+    score start from the network; refused on finite data; a guided run distils and saves."""
+    from fewstep.data import load_dataset
+    from fewstep.recipe import distill_config
+    from fewstep.train.distill import build_run
+
+    over = ["train.batch=16", "teacher_score=exact"]
+    run = build_run(distill_config(str(cond_teacher), "dmd", overrides=over), torch.device("cpu"))
+    exact, net = run.nets.teacher, run.ctx.teacher
+    assert isinstance(exact, MixtureDenoiser) and not isinstance(net, MixtureDenoiser)
+    ref = MixtureDenoiser(load_dataset("grid25c", conditional=True).mixture, conditional=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    sigma = torch.rand(32, generator=g, dtype=torch.float64) + 0.2
+    y = torch.randint(0, 5, (32,), generator=g)
+    null = torch.full_like(y, NULL_LABEL)
+    assert torch.equal(exact(x, sigma, y), ref(x, sigma, y))
+    assert torch.equal(exact(x, sigma, null), ref(x, sigma, torch.full_like(y, -1)))
+    assert not torch.allclose(exact(x, sigma, null), exact(x, sigma, y))
+    student_w = [p for p in run.nets.student.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(student_w, net.parameters()))  # student = network copy
+    out = tmp_path / "s"
+    assert main(["distill", "--teacher", str(cond_teacher), "--method", "dmd", "--out", str(out),
+                 "--iters", "10", "--steps", "2", "--guidance", "2", "--no-progress", *over,
+                 "train.eval_n=50", "train.eval_every=0", "student.renoise=ddim"]) == 0
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="teacher_score must be network or exact"):
+        distill_config(str(cond_teacher), "dmd", overrides=["teacher_score=oracle"])
+
+
+def test_teacher_score_exact_needs_mixture_data(tmp_path, capsys):
+    from tests.helpers import save_tiny_teacher
+
+    spec = {"type": "mlp", "dim": 2, "hidden": 8, "depth": 1, "emb_dim": 8, "num_classes": 0,
+            "sigma_data": 0.5}
+    t = save_tiny_teacher(tmp_path / "t", spec=spec,
+                          data={"name": "blobs.npy", "kind": "vector", "shape": [2], "num_classes": 0})
+    import numpy as np
+
+    np.save(tmp_path / "blobs.npy", np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32))
+    code = main(["distill", "--teacher", str(t), "--method", "dmd", "--out", str(tmp_path / "s"),
+                 "--iters", "2", "--no-progress", f"data.name={tmp_path / 'blobs.npy'}",
+                 "teacher_score=exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "teacher_score=exact needs mixture data" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "model.safetensors").exists()

@@ -144,6 +144,10 @@ class DistillSettings:
     #                              uses one (1 = off; per-method overrides: dp.guidance, sid.cfg_*;
     #                              docs/guidance.md); the student samples unguided
     data: DataConfig = field(default_factory=lambda: DataConfig(name=""))  # real data ("" = teacher's)
+    teacher_score: str = "network"  # network | exact: every teacher call (real score, guidance, DP's
+    #                                 anchor rollout, CD's teacher step) uses the exact denoiser of
+    #                                 the mixture data instead; student and fake score still start
+    #                                 from the network teacher, TFD still taps it (docs/guidance.md)
     student: StudentConfig = field(default_factory=StudentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))  # student
@@ -157,6 +161,8 @@ class DistillSettings:
             if not weight >= 0 or weight == float("inf"):
                 raise ConfigError(f"extra weight {name}={weight} must be a finite number >= 0, "
                                   f"e.g. --extra {name}=0.5")
+        if self.teacher_score not in ("network", "exact"):
+            raise ConfigError(f"teacher_score must be network or exact, got '{self.teacher_score}'")
         if self.student.rollout not in ("full", "backsim"):
             raise ConfigError(f"student.rollout must be full or backsim, got '{self.student.rollout}'")
         if self.student.renoise not in ("fresh", "ddim"):

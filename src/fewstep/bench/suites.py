@@ -319,7 +319,10 @@ def guidance_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     per seed and w: 4-step dmd, dmd+dp (anchor rollout and real score guided), dmd+el and fdistill
     (js, kl), all distilled at w; tfd once per seed (it uses no teacher score, so no w). Ablations
     of dp at the largest w on grid25c: lambda 0.2 and the anchor K = 10, 20 of 30 teacher steps
-    (with the default K = 5: early, middle and late points of the trajectory)."""
+    (with the default K = 5: early, middle and late points of the trajectory). On grid25c, 4-step dmd
+    once more at each w with ``teacher_score=exact`` (the exact guided denoiser as the real score;
+    student and fake score still start from the network): whether guided dmd's loss of quality is
+    the method's or the network teacher's."""
     jobs: list[Job] = []
     for data in ("grid25c", "digits8"):
         t = teacher_job(data, conditional=True, p_uncond=0.1)
@@ -331,7 +334,9 @@ def guidance_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
                   "tag": ov[0].split("=")[1] if ov else ""}
                  for s in data_seeds for w in GUIDANCE_SCALES for m, ex, ov in arms]
         specs += [{"method": "tfd", "seed": s} for s in data_seeds]
-        if data == "grid25c":
+        if data == "grid25c":  # the separating run: dmd with the exact guided denoiser as real score
+            specs += [{"method": "dmd", "steps": 4, "seed": s, "guidance": w, "tag": "exact",
+                       "overrides": ("teacher_score=exact",)} for s in data_seeds for w in GUIDANCE_SCALES]
             w = GUIDANCE_SCALES[-1]
             abl = [("lam0.2", {"dp": 0.2}, ()), ("K10", {"dp": 0.05}, ("dp.anchor_k=10",)),
                    ("K20", {"dp": 0.05}, ("dp.anchor_k=20",))]

@@ -160,16 +160,20 @@ class MixtureDenoiser(nn.Module):
     (``null_label = -1``, ``core.guidance``): the exact guided teacher is a test oracle.
     """
 
-    def __init__(self, mixture: GaussianMixture, conditional: bool = False):
+    def __init__(self, mixture: GaussianMixture, conditional: bool = False, null_label: int = -1):
         super().__init__()
         self.mixture = mixture
         self.num_classes = mixture.num_classes if conditional else 0
-        self.null_label = -1 if conditional else None
+        # another null label (a network teacher's, e.g. its last class) is read as -1, so the exact
+        # denoiser can stand in for that teacher (distill teacher_score=exact)
+        self.null_label = null_label if conditional else None
         self.sigma_min, self.sigma_max, self.sigma_data = 0.0, math.inf, 0.5
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
         cond = cond if self.num_classes else None
+        if cond is not None and self.null_label != -1:
+            cond = torch.where(cond == self.null_label, torch.full_like(cond, -1), cond)
         # differentiable in x (SiD backpropagates through the teacher); mixture lives on the CPU
         D = self.mixture.denoise(x.cpu(), as_sigma(sigma, x).detach().cpu(),
                                  None if cond is None else cond.cpu())

@@ -18,6 +18,7 @@ import torch
 
 from fewstep.config import DistillRunConfig, to_dict
 from fewstep.core.guidance import null_label
+from fewstep.core.mixture import MixtureDenoiser
 from fewstep.data import Dataset, dataset_from_record
 from fewstep.data.provenance import recorded_data
 from fewstep.errors import ConfigError, FewstepError
@@ -154,7 +155,7 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
         ctx.decode, ctx.pixel_shape = data.decode, tuple(data.pixels.shape)
     methods = [METHODS[cfg.method].make(getattr(cfg, cfg.method), ctx)]
     methods += [METHODS[name].make(getattr(cfg, name), ctx, w) for name, w in cfg.extras.items()]
-    run = _assemble(cfg, data, teacher, methods, device)
+    run = _assemble(cfg, data, teacher, methods, device, real=_exact_score(cfg, data, teacher, device))
     run.ctx = ctx
     return run
 
@@ -167,9 +168,29 @@ def _only_one(methods: list[Method], what: str, values: list):
     return values[0] if values else None
 
 
-def _assemble(cfg, data, teacher, methods: list[Method], device) -> Run:
+def _exact_score(cfg, data: Dataset, teacher, device):
+    """``teacher_score=exact``: the exact denoiser of the mixture the teacher was trained on, standing
+    in for the network in every teacher call (it answers the network's null label as unconditional);
+    None for ``network``. Separates what a method does from what the network teacher's errors do."""
+    if cfg.teacher_score != "exact":
+        return None
+    if data.mixture is None:
+        raise ConfigError(f"teacher_score=exact needs mixture data (an exact denoiser); '{data.name}' is "
+                          "a finite data set: use teacher_score=network")
+    classes = int(getattr(teacher, "num_classes", 0))
+    if classes and data.mixture.num_classes != classes:
+        raise ConfigError(f"teacher_score=exact: the mixture has {data.mixture.num_classes} classes, the "
+                          f"teacher {classes}; pass the teacher's own data")
+    null = null_label(teacher)
+    exact = MixtureDenoiser(data.mixture, conditional=classes > 0, null_label=-1 if null is None else null)
+    return exact.to(device)
+
+
+def _assemble(cfg, data, teacher, methods: list[Method], device, real=None) -> Run:
+    """Student, fake score, head, target and EMA from the network ``teacher``; ``real`` (default: the
+    teacher) is what every teacher call uses."""
     student = build_student(teacher, cfg, any(m.boundary for m in methods)).to(device)
-    nets = Nets(teacher=teacher, student=student)
+    nets = Nets(teacher=teacher if real is None else real, student=student)
     opts = {GEN: make_optimizer(student.parameters(), cfg.optim)}
     if any(m.needs_fake for m in methods):
         nets.fake = copy.deepcopy(teacher).requires_grad_(True).train()

@@ -128,3 +128,29 @@ def test_engine_clips_the_critic_gradient_by_value():
     inside = grads[0.0].abs() < c  # elements already within the bound are left alone
     assert torch.equal(grads[c][inside], grads[0.0][inside])
     assert torch.equal(grads[c][~inside], c * grads[0.0][~inside].sign())
+
+
+def test_eval_raw_logs_the_raw_student_beside_its_ema_and_changes_no_weight(tmp_path):
+    """train.eval_raw (issue 20.1): every evaluation of a run with an EMA also scores the raw student as
+    raw_<metric>; the two differ, and the exported weights are the run's without the option."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fewstep.cli import main
+    from tests.helpers import save_tiny_teacher
+
+    t = save_tiny_teacher(tmp_path / "t")
+    common = ["distill", "--teacher", str(t), "--method", "dmd", "--iters", "20", "--batch", "16",
+              "--no-progress"]
+    over = ["train.ema_halflife=5", "train.eval_every=10", "train.eval_n=64"]
+    assert main([*common, "--out", str(tmp_path / "a"), *over, "train.eval_raw=true"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), *over]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "fd" in r]
+    assert evals and all("raw_fd" in r and "raw_modes_covered" in r for r in evals)
+    assert any(r["fd"] != r["raw_fd"] for r in evals)
+    plain = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("raw_fd" in r for r in plain)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -128,6 +128,8 @@ class DistillTrainConfig(TrainConfig):
     ema_halflife: float = 0.0    # student EMA half-life in generator updates (0 = none, as DMD2); its
     #                              ramp-up (ema_rampup) also counts generator updates
     eval_n: int = 2500
+    eval_raw: bool = False       # also evaluate the raw student beside its EMA (metrics "raw_*"): the
+    #                              EMA-vs-raw measurement of issue 20.1; no effect without an EMA
     teacher_dtype: str = "fp32"  # fp32 | bf16: storage dtype of the frozen teacher's weights (its
     #                              output is cast to fp32; docs/scaling.md "Precision and memory")
 

@@ -366,6 +366,24 @@ def normalizer_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     return jobs
 
 
+EMA_BASES = ("dmd", "di", "sid", "cd", "fdistill")
+
+
+def ema_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """EMA against the raw student (issue 20.1): each 1-step base at its preset with the student EMA
+    on (half-life 500 generator updates, ``train.eval_raw=true``: every evaluation scores both, on the
+    same noise). grid25 first, then ring8; mixtures only (``digits_seeds`` is ignored)."""
+    jobs: list[Job] = []
+    for data in ("grid25", "ring8"):
+        t = teacher_job(data)
+        jobs += [t, eval_job(t)]
+        specs = [{"method": m, "seed": s, "tag": "emaraw",
+                  "overrides": ("train.ema_halflife=500", "train.eval_raw=true")}
+                 for s in seeds for m in EMA_BASES]
+        _students_with_evals(jobs, t, specs)
+    return jobs
+
+
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
           "tfd": tfd_suite, "fdistill": fdistill_suite, "guidance": guidance_suite,
-          "normalizer": normalizer_suite}
+          "normalizer": normalizer_suite, "ema": ema_suite}

@@ -363,6 +363,16 @@ def export_model(run: Run, out: Path) -> None:
     save_model(out, model.G, spec, student_meta(run))
 
 
+def _with_raw(evaluate, run: Run):
+    """``evaluate`` of the EMA (the exported model) plus the raw student's metrics as ``raw_<name>``,
+    on the same evaluation noise (train.eval_raw)."""
+    def both(model, step: int) -> dict:
+        out = evaluate(model, step)
+        out.update({f"raw_{k}": v for k, v in evaluate(run.nets.student, step).items()})
+        return out
+    return both
+
+
 def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: bool = True) -> Path:
     """Distil (or resume, or skip if finished) into run directory ``out``; under torchrun every
     process calls this and rank 0 writes the files. Make ``cfg`` with ``fewstep.recipe.distill_config``
@@ -371,5 +381,7 @@ def train_distill(cfg: DistillRunConfig, out: Path, evaluate=None, progress: boo
         with torch.random.fork_rng(devices=[]):  # the same GAN-head init on every rank and run
             torch.manual_seed(derive_seed(cfg.train.seed, "build"))
             run = build_run(cfg, device)
+        if evaluate is not None and cfg.train.eval_raw and run.ema is not None:
+            evaluate = _with_raw(evaluate, run)
         return run_training(env, device, out, to_dict(cfg), "student", run, cfg.train, evaluate,
                             progress, desc=f"distill {cfg.method}", defaults=to_dict(DistillRunConfig()))

@@ -32,11 +32,9 @@ def gaussian_kernel(d2: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
 
 
 def _offdiag_mean(K: torch.Tensor) -> torch.Tensor:
-    """Mean of the off-diagonal entries of a square matrix; the diagonal is masked, never
-    differentiated."""
-    n = K.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=K.device)
-    return K.masked_fill(eye, 0).sum() / (n * (n - 1))
+    """Mean of the off-diagonal entries of a square matrix (the diagonal's gradient cancels to 0)."""
+    n = K.shape[0]  # total minus trace: one pass, no masked [n, n] copy
+    return (K.sum() - K.diagonal().sum()) / (n * (n - 1))
 
 
 def mmd2_unbiased_from_kernels(Kxx: torch.Tensor, Kyy: torch.Tensor, Kxy: torch.Tensor):
@@ -86,9 +84,7 @@ def pooled_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     """``h``: the mean off-diagonal entry of the pooled squared-distance matrix ``d2 [n, n]``,
     detached and floored at the dtype's tiny so identical points give kappa = 1, not NaN
     (embedding_loss.md section 2.2)."""
-    d2 = d2.detach()
-    n = d2.shape[0]  # the off-diagonal mean without a mask: total minus trace (one pass, no [n, n] copy)
-    return ((d2.sum() - d2.diagonal().sum()) / (n * (n - 1))).clamp_min(torch.finfo(d2.dtype).tiny)
+    return _offdiag_mean(d2.detach()).clamp_min(torch.finfo(d2.dtype).tiny)
 
 
 _WEIGHTS: dict = {}  # (n, m, dtype, device) -> W; a training run uses one or two batch shapes

@@ -139,3 +139,33 @@ def test_normalizer_suite_arms_differ_only_in_the_normalizer():
             assert len(arms) == len(NORMALIZERS) and len(rest) == 1
             assert sorted(a for j in arms for a in j.args if a.startswith("dmd.normalizer=")) == \
                 sorted(f"dmd.normalizer={n}" for n in NORMALIZERS)
+
+
+def test_latent_suite_covers_the_issue_matrix_on_both_teachers():
+    """Issue 17's experiment: one VAE, flow and EDM teachers on its latents, per teacher and seed the
+    1- and 4-step students of dmd, sid, fdistill and tfd with and without el, and 4-step dmd+dp with
+    the first-step target in the teacher's native form; flow Euler rows only for the flow teacher."""
+    from fewstep.bench.suites import LATENT_BASES, SUITES
+
+    jobs = SUITES["latent"](seeds=(0, 1))
+    by_name = {j.name: j for j in jobs}
+    teachers = [j for j in jobs if j.kind == "teacher"]
+    assert {t.tags["objective"] for t in teachers} == {"flow", "edm"}
+    for t in teachers:
+        assert t.deps == ["vae-mnist28"] and "--vae" in t.args
+        assert t.args[t.args.index("--objective") + 1] == t.tags["objective"]
+        for seed in (0, 1):
+            students = [j for j in jobs if j.kind == "distill" and j.deps == [t.name]
+                        and j.tags["seed"] == seed]
+            arms = {(j.tags["method"], tuple(j.tags["extras"]), j.tags["steps"]) for j in students}
+            want = {(m, ex, k) for m in LATENT_BASES for ex in ((), ("el",)) for k in (1, 4)}
+            assert arms == want | {("dmd", ("dp",), 4)}, t.name
+            dp = next(j for j in students if "dp" in j.tags["extras"])
+            form = "velocity" if t.tags["objective"] == "flow" else "x0"
+            assert f"dp.target={form}" in dp.args
+            assert all(f"eval-{j.name}-r3" in by_name for j in students)  # every student evaluated
+        samplers = {j.tags["sampler"] for j in jobs if j.kind == "eval" and j.deps == [t.name]}
+        assert samplers == ({"heun", "dpmpp", "flow_euler"} if t.tags["objective"] == "flow"
+                            else {"heun", "dpmpp"})
+    first_edm = next(i for i, j in enumerate(jobs) if j.kind == "distill" and "-edm-" in j.name)
+    assert not any("el" in j.tags["extras"] for j in jobs[:first_edm] if j.kind == "distill")

@@ -1,6 +1,7 @@
 """Latent data through a diffusers VAE: `fewstep vae`, scaling, cached encoding, decoding, pixel metrics."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -214,3 +215,26 @@ def test_cli_vae_teacher_eval_sample_on_latents(vae_dir, tmp_path, capsys):
     assert main(["eval", str(fs), "--n", "20", "--json", str(tmp_path / "fs.json")]) == 0
     assert "fd_vae_floor" in json.loads((tmp_path / "fs.json").read_text())
     assert main(["report", str(ft), str(fs), "--out", str(tmp_path / "report")]) == 0
+
+
+def test_readme_latent_flow_chain_runs_from_another_directory(vae_dir, tmp_path, monkeypatch, capsys):
+    """The README's latent path at CI size: `teacher --objective flow --vae` -> `distill` -> `eval`
+    -> `report`, run from a working directory that holds none of the files (relative paths)."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    small = ["train.eval_n=20", "sample.nfe=3"]
+    assert main(["teacher", "--data", "mnist28", "--objective", "flow", "--vae", str(vae_dir), "--out",
+                 "../t", "--iters", "4", "--no-progress", "model.channels=[16,32]", "train.batch=16",
+                 *small]) == 0
+    meta = json.loads((tmp_path / "t" / "model.json").read_text())
+    assert meta["spec"]["objective"] == "flow" and meta["meta"]["data"]["shape"] == [4, 7, 7]
+    assert main(["distill", "--teacher", "../t", "--method", "dmd", "--out", "../s", "--iters", "2",
+                 "--batch", "8", "--no-progress", "train.eval_n=20", "schedule.ratio=1"]) == 0
+    assert main(["eval", "../s", "--n", "30", "--json", "../s.json"]) == 0
+    m = json.loads((tmp_path / "s.json").read_text())
+    assert m["n_samples"] == 30 and "fd_vae_floor" in m and math.isfinite(m["fd"])
+    assert main(["report", "../t", "../s", "--out", "../report"]) == 0
+    page = next((tmp_path / "report").glob("*.md")).read_text()
+    assert "fd_vae_floor" in page or "vae floor" in page.lower(), page[:500]
+    assert list((tmp_path / "report").rglob("*.png"))  # decoded sample grids

@@ -53,8 +53,9 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         cells = [describe(r["job"].tags), _fmt(r["job"].tags.get("seed", "")), _fmt(m.get("nfe"))]
         for c in cols:
             cell = _fmt(m.get(c))
-            if f"{c}_floor" in m:
-                cell += f" ({_fmt(m[c + '_floor'])})"
+            if f"{c}_floor" in m:  # the data floor, and for latent models the VAE's after it
+                vae = f", vae {_fmt(m[c + '_vae_floor'])}" if f"{c}_vae_floor" in m else ""
+                cell += f" ({_fmt(m[c + '_floor'])}{vae})"
             cells.append(cell)
         cmd = t.get("command", "") if r["job"].tags.get("role") == "student" else \
             f"{t.get('command', '')}; fewstep eval ... --sampler {m.get('sampler', '')}"

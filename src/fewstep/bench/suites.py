@@ -384,6 +384,69 @@ def ema_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     return jobs
 
 
+LATENT_BASES = ("dmd", "sid", "fdistill", "tfd")
+LATENT_OBJECTIVES = ("flow", "edm")
+
+
+def vae_job(data: str = "mnist28") -> Job:
+    """``fewstep vae`` at its defaults (a small AutoencoderKL, 4x7x7 latents for mnist28)."""
+    return Job(f"vae-{data}", ["vae", "--data", data, "--out", "{out}"], kind="vae",
+               tags={"data": data, "role": "vae"})
+
+
+def latent_teacher_job(vae: Job, objective: str) -> Job:
+    """A teacher on ``vae``'s cached latents; its data tag names the space and the objective, so each
+    teacher gets its own table and its students' names say which teacher they distil."""
+    data = f"{vae.tags['data']}-vae-{objective}"
+    args = ["teacher", "--data", vae.tags["data"], "--vae", f"{{root}}/{vae.name}", "--objective",
+            objective, "--out", "{out}"]
+    return Job(f"teacher-{data}", args, deps=[vae.name], kind="teacher",
+               tags={"data": data, "conditional": False, "role": "teacher", "objective": objective})
+
+
+def _dp_form(objective: str) -> dict:
+    """4-step dmd+dp with DP-DMD's first-step target in the teacher's native form."""
+    form = "velocity" if objective == "flow" else "x0"
+    return {"method": "dmd", "extras": {"dp": 0.05}, "steps": 4, "tag": form,
+            "overrides": (f"dp.target={form}",)}
+
+
+# the latent suite's arms in the order they run (per seed, both teachers per arm)
+LATENT_ARMS = (
+    lambda o: [{"method": m} for m in LATENT_BASES],                              # 1 step
+    lambda o: [{"method": "dmd", "steps": 4}, _dp_form(o)],                       # DP-DMD at 4
+    lambda o: [{"method": m, "extras": {"el": 1.0}} for m in LATENT_BASES],       # + el, 1 step
+    lambda o: [{"method": m, "steps": 4} for m in LATENT_BASES if m != "dmd"],    # 4 steps
+    lambda o: [{"method": m, "extras": {"el": 1.0}, "steps": 4} for m in LATENT_BASES],
+)
+
+
+def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """Flow vs EDM teachers of the same size in a VAE latent space (issue 17; specs/flow_and_latent.md):
+    mnist28 through ``fewstep vae``; per teacher 1- and 4-step students of dmd, sid, fdistill and tfd,
+    each with and without el, and 4-step dmd+dp (the velocity form on the flow teacher, x0 on EDM);
+    the teacher at 35 NFE Heun and at few NFE (flow Euler on the flow teacher, DPM-Solver++ on both).
+    Metrics on decoded pixels with the data and VAE floors. Jobs are listed in ``LATENT_ARMS`` order
+    (per seed: the 1-step bases, dmd vs dmd+dp at 4 steps, the el arms, the other 4-step arms), so a
+    partial run answers the main questions first. ``digits_seeds`` is ignored."""
+    vae = vae_job("mnist28")
+    jobs: list[Job] = [vae]
+    teachers = {o: latent_teacher_job(vae, o) for o in LATENT_OBJECTIVES}
+    for o, t in teachers.items():
+        jobs += [t, eval_job(t), eval_job(t, nfe=4, sampler="dpmpp"), eval_job(t, nfe=8, sampler="dpmpp")]
+        if o == "flow":  # the "what a user would do instead" rows of a flow teacher
+            jobs += [eval_job(t, nfe=n, sampler="flow_euler") for n in (4, 8, 35)]
+    for s in seeds:
+        for i, arm in enumerate(LATENT_ARMS):
+            for o, t in teachers.items():
+                made = _students_with_evals(jobs, t, [{**spec, "seed": s} for spec in arm(o)], repeats=3)
+                if i == 0 and s == seeds[0]:  # speed: students vs the teacher, methods vs dmd
+                    jobs.append(perf_job(t, made, ["dmd", "dmd+el", "sid", "fdistill", "tfd", "dmd@4",
+                                                   "dmd+dp@4"], name=f"perf-latent-{t.tags['data']}"))
+    return jobs
+
+
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
           "tfd": tfd_suite, "fdistill": fdistill_suite, "guidance": guidance_suite,
-          "normalizer": normalizer_suite, "ema": ema_suite}
+          "normalizer": normalizer_suite, "ema": ema_suite,
+          "latent": latent_suite}

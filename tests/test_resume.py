@@ -26,6 +26,7 @@ DMD = ["--method", "dmd", "--batch", "16", "--no-progress", "train.eval_n=100", 
        "train.log_every=3"]
 CASES = {  # options first: argparse takes key=value overrides only after the last --option
     "dmd": ["--iters", "8", *DMD, "train.ema_halflife=2", "dmd.gan_gen_weight=0.1"],
+    "dmd_lora": ["--iters", "8", *DMD, "train.ema_halflife=2", "student.lora_rank=2", "fake.lora_rank=2"],
     "dmd_el": ["--iters", "8", "--extra", "el=0.5", *DMD, "schedule.ratio=1", "el.K=2", "el.width=8",
                "el.calib_steps=4"],
 }
@@ -96,6 +97,10 @@ def test_signal_stop_and_resume_equals_uninterrupted(tmp_path, teacher, monkeypa
     stopped = ckpt.load_checkpoint(tmp_path / "resumed/checkpoints/ckpt_00000003.pt")
     if case == "dmd":  # student, fake, GAN head, EMA and three optimisers travel in the checkpoint
         assert {"student", "fake", "head", "ema"} <= set(stopped) and len(stopped["opts"]) == 3
+    elif case == "dmd_lora":  # adapters in the checkpoint, and only they in the optimiser state
+        assert any(".lora_A." in k for k in stopped["student"])
+        assert any(".lora_B." in k for k in stopped["fake"])
+        assert len(stopped["opts"]["generator"]["state"]) == sum(".lora_" in k for k in stopped["student"])
     else:  # stopped mid-calibration: the recorded ratios must carry over
         assert stopped["terms"]["el"]["frozen"] is None and stopped["terms"]["el"]["ratios"]
     # training is deterministic per (seed, step): a resume that dropped its checkpoint and trained

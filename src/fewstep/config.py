@@ -111,6 +111,17 @@ class StudentConfig:
     init_sigma: float = 0.0      # 1-step input noise level (0 = sigma_max 80; DI 1.0, SiD 2.5; k>1: unused)
     rollout: str = "full"        # full (graph through all steps) | backsim (DMD2 backward simulation)
     renoise: str = "fresh"       # fresh (x0 + sigma eps) | ddim (deterministic) between steps
+    lora_rank: int = 0           # > 0: the student is rank-r LoRA adapters on a frozen copy of the
+    #                              teacher (models/lora.py; DMD2's --generator_lora); 0 = full
+    lora_alpha: float = 0.0      # LoRA scale alpha / r (0 = alpha = r: scale 1)
+
+
+@dataclass
+class FakeConfig:
+    """The fake score (DMD's mu_fake, SiD's f_psi, DI's s_phi): a copy of the teacher."""
+
+    lora_rank: int = 0           # > 0: LoRA adapters on a frozen copy (saves its gradients and moments)
+    lora_alpha: float = 0.0      # 0 = alpha = r
 
 
 @dataclass
@@ -151,6 +162,7 @@ class DistillSettings:
     #                                 the mixture data instead; student and fake score still start
     #                                 from the network teacher, TFD still taps it (docs/guidance.md)
     student: StudentConfig = field(default_factory=StudentConfig)
+    fake: FakeConfig = field(default_factory=FakeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))  # student
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, grad_clip=10.0))
@@ -380,7 +392,7 @@ _POSITIVE = {"iters", "batch", "hidden", "depth", "emb_dim", "layers_per_block",
 _NON_NEGATIVE = {"weight_decay", "grad_clip", "warmup", "ema_halflife", "ema_rampup",
                  "eval_every", "ckpt_every", "micro_batch", "eps", "grad_clip_value", "init_sigma",
                  "time_budget_s", "gen_offset", "guidance", "cfg_train_fake", "cfg_eval_fake",
-                 "cfg_eval_real"}
+                 "cfg_eval_real", "lora_rank", "lora_alpha"}
 _CHOICES = {"model.type": {"auto", "mlp", "unet"}, "model.objective": {"edm", "flow"},
             "model.flow_t": {"logit_normal", "uniform"}, "sample.sampler": {"heun", "euler"},
             "train.device": {"auto", "cpu", "cuda", "mps"}, "train.precision": {"fp32", "bf16", "fp16"},

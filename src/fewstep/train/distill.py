@@ -25,6 +25,7 @@ from fewstep.errors import ConfigError, FewstepError
 from fewstep.losses import METHODS
 from fewstep.losses.base import PHASES, Batch, Context, Method, Nets, Rollout
 from fewstep.models.io import load_teacher, save_model
+from fewstep.models.lora import ADAPTER_WEIGHTS, add_lora, is_lora, merged, save_adapters, trainable
 from fewstep.models.student import Student, default_sigmas
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 from fewstep.train import checkpoint as ckpt
@@ -122,7 +123,17 @@ def build_student(teacher, cfg: DistillRunConfig, boundary: bool) -> Student:
     if s.init_sigma > 0 and not s.sigmas and s.steps == 1:
         # a 1-step setting (DI's 1.0, SiD's 2.5): multi-step levels come from student.sigmas
         sigmas[0] = s.init_sigma
+    if s.lora_rank:
+        add_lora(G, s.lora_rank, s.lora_alpha, cfg.train.seed, "student")
     return Student(G, sigmas, renoise=s.renoise)
+
+
+def build_fake(teacher, cfg: DistillRunConfig):
+    """The fake score: a trainable copy of the teacher, or LoRA adapters on a frozen one."""
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    if cfg.fake.lora_rank:
+        add_lora(fake, cfg.fake.lora_rank, cfg.fake.lora_alpha, cfg.train.seed, "fake")
+    return fake
 
 
 def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | None = None,
@@ -191,10 +202,10 @@ def _assemble(cfg, data, teacher, methods: list[Method], device, real=None) -> R
     teacher) is what every teacher call uses."""
     student = build_student(teacher, cfg, any(m.boundary for m in methods)).to(device)
     nets = Nets(teacher=teacher if real is None else real, student=student)
-    opts = {GEN: make_optimizer(student.parameters(), cfg.optim)}
+    opts = {GEN: make_optimizer(trainable(student), cfg.optim)}
     if any(m.needs_fake for m in methods):
-        nets.fake = copy.deepcopy(teacher).requires_grad_(True).train()
-        opts[FAKE] = make_optimizer(nets.fake.parameters(), cfg.fake_optim)
+        nets.fake = build_fake(teacher, cfg)
+        opts[FAKE] = make_optimizer(trainable(nets.fake), cfg.fake_optim)
     head = _only_one(methods, "GAN head", [m.head for m in methods if m.head is not None])
     if head is not None:
         nets.head = head.to(device)
@@ -344,7 +355,7 @@ def student_meta(run: Run) -> dict:
     s, cfg = run.nets.student, run.cfg
     return {"role": "student", "steps": s.num_steps, "sigmas": s.sigmas.tolist(),
             "renoise": s.renoise, "method": cfg.method, "extras": dict(cfg.extras),
-            "guidance": cfg.guidance,
+            "guidance": cfg.guidance, **({"lora": s.G.fewstep_lora} if is_lora(s.G) else {}),
             "teacher": str(cfg.teacher), "iterations": run.step, "train_wall_s": round(run.wall_s, 2),
             "data": {"name": run.data.name, "kind": run.data.kind, "shape": list(run.data.shape),
                      "num_classes": run.data.num_classes, **source_record(run.data.path),
@@ -360,7 +371,9 @@ def export_model(run: Run, out: Path) -> None:
                            "checkpoint in checkpoints/ holds the student's weights")
     # consistency students use the boundary parameterisation (own and diffusers models alike)
     spec = {**spec, "boundary": bool(getattr(model.G, "boundary", False))}
-    save_model(out, model.G, spec, student_meta(run))
+    save_model(out, merged(model.G), spec, student_meta(run))  # LoRA: adapters merged into the weights
+    if is_lora(model.G):  # ... and kept apart too
+        save_adapters(model.G, Path(out) / ADAPTER_WEIGHTS)
 
 
 def _with_raw(evaluate, run: Run):

@@ -14,6 +14,7 @@ import copy
 import torch
 
 from fewstep.losses.base import Batch, GenOut
+from fewstep.models.lora import set_requires_grad
 from fewstep.train import dist, precision
 from fewstep.train.control import BadStep
 from fewstep.train.ema import ema_beta, ema_update
@@ -25,9 +26,9 @@ CRITIC = "critic"  # the fake score and GAN head share one backward pass, hence 
 
 def set_trainable(run, phase: str) -> None:
     n = run.nets
-    n.student.requires_grad_(phase == GEN)
+    set_requires_grad(n.student.G, phase == GEN)
     if n.fake is not None:
-        n.fake.requires_grad_(phase != GEN)
+        set_requires_grad(n.fake, phase != GEN)
     if n.head is not None:
         n.head.requires_grad_(phase != GEN)
 
@@ -98,7 +99,7 @@ def apply_updates(run, specs, terms, bad: dict, scaler=None) -> None:
     (every process agrees), else clip and step each ``(optimiser name, network, config)``; with a
     GradScaler (fp16) each optimiser's gradients are unscaled before clipping, and an overflow
     skips that optimiser's step and lowers the scale."""
-    params = [p for _, net, _ in specs for p in net.parameters()]
+    params = [p for _, net, _ in specs for p in net.parameters() if p.requires_grad]  # LoRA: adapters
     flags = dist.sync_gradients(params, torch.tensor([float(t.name in bad) for t in terms]))
     names = [t.name for t, f in zip(terms, flags.tolist()) if f > 0]
     if names:

@@ -446,7 +446,24 @@ def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     return jobs
 
 
+LORA_ARMS = (("full", ()), ("lora8", ("student.lora_rank=8",)),
+             ("lora8-both", ("student.lora_rank=8", "fake.lora_rank=8")))
+
+
+def lora_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """LoRA against full fine-tuning (issue 21): 1-step dmd at the digits8 preset on a 2000-iteration
+    digits8 teacher (the fdistill suite's), full student and fake score, a rank-8 LoRA student, and
+    rank-8 LoRA student and fake score; every arm the same iterations, batch and learning rates."""
+    jobs: list[Job] = []
+    t = teacher_job("digits8", iters=2000)
+    jobs += [t, eval_job(t)]
+    for s in _seeds_for("digits8", seeds, digits_seeds):
+        _students_with_evals(jobs, t, [{"method": "dmd", "seed": s, "tag": tag, "overrides": ov}
+                                       for tag, ov in LORA_ARMS], repeats=3)
+    return jobs
+
+
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
           "tfd": tfd_suite, "fdistill": fdistill_suite, "guidance": guidance_suite,
           "normalizer": normalizer_suite, "ema": ema_suite,
-          "latent": latent_suite}
+          "latent": latent_suite, "lora": lora_suite}

@@ -274,7 +274,9 @@ def cm_integer_ramp(levels: list[float], s_min: float) -> tuple[int, float, list
 def fit_rho(levels: list[float]) -> float:
     """rho whose k-point Karras schedule from levels[0] to levels[-1] (what ``EDMEulerScheduler.
     set_timesteps(k)`` builds) is closest to the interior levels in log (exact for k <= 3 when a
-    rho in RHO_RANGE holds them). Golden-section search in ln rho."""
+    rho in RHO_RANGE holds them). A bounded 1-D minimisation in ln rho (scipy's Brent method)."""
+    from scipy.optimize import minimize_scalar
+
     k = len(levels)
     if k <= 2:
         return 7.0
@@ -285,12 +287,9 @@ def fit_rho(levels: list[float]) -> float:
         return sum((math.log(karras_levels(p, levels[0], levels[-1], rho)) - math.log(s)) ** 2
                    for p, s in zip(pos, levels[1:-1]))
 
-    a, b = math.log(0.25), math.log(1000.0)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(200):
-        c, d = b - g * (b - a), a + g * (b - a)
-        a, b = (a, d) if loss(c) < loss(d) else (c, b)
-    return math.exp((a + b) / 2)
+    fit = minimize_scalar(loss, bounds=(math.log(0.25), math.log(1000.0)), method="bounded",
+                          options={"xatol": 1e-10})
+    return math.exp(fit.x)
 
 
 def _own_unet_copy(G):

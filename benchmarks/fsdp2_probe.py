@@ -5,8 +5,10 @@
 Shards a two-layer MLP per layer and at the root, runs one forward, backward and AdamW step on each
 of two processes, and prints the loss (equal on both ranks) and the parameter type (DTensor).
 """
-import torch, torch.distributed as dist
+import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

@@ -169,3 +169,13 @@ def test_latent_suite_covers_the_issue_matrix_on_both_teachers():
                             else {"heun", "dpmpp"})
     first_edm = next(i for i, j in enumerate(jobs) if j.kind == "distill" and "-edm-" in j.name)
     assert not any("el" in j.tags["extras"] for j in jobs[:first_edm] if j.kind == "distill")
+
+
+def test_report_only_reports_what_finished_and_starts_nothing(tmp_path, capsys):
+    from fewstep.cli import main
+
+    assert main(["bench", "--suite", "latent", "--seeds", "1", "--out", str(tmp_path / "b"),
+                 "--report-only", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "0/" in out and "jobs done" in out
+    assert not any(p.is_dir() and p.name != "_jobs" for p in (tmp_path / "b").iterdir())  # no job ran

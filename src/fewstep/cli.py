@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits-seeds", type=int, default=None,
                    help="seeds per digits8 arm in the claim suites (default: --seeds; each digits8 "
                         "seed costs el ~55 min, dp ~20 min, tfd ~20 min of process time; 0 = none)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report of the jobs finished so far and start none (e.g. while "
+                        "another runner works on --out)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="the whole story on ring8 (+ a digits8 teacher) in ~10 minutes")
@@ -356,9 +359,10 @@ def cmd_bench(args) -> int:
     from fewstep.bench.run import run_suite
 
     done, total, summary = run_suite(args.suite, Path(args.out), args.jobs, args.threads, args.seeds,
-                                     args.digits_seeds, progress=not args.no_progress)
+                                     args.digits_seeds, progress=not args.no_progress,
+                                     report_only=args.report_only)
     print(summary)
-    return 0 if done == total else 1
+    return 0 if done == total or args.report_only else 1
 
 
 def cmd_demo(args) -> int:

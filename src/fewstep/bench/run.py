@@ -25,11 +25,13 @@ def suite_jobs(suite: str, seeds: int, digits_seeds: int) -> list:
 
 
 def run_suite(suite: str, root: Path, jobs: int = 2, threads: int = 1, seeds: int = 3,
-              digits_seeds: int | None = None, progress: bool = True) -> tuple[int, int, str]:
-    """Run suite ``suite`` into ``root`` (cached and resumable); returns ``(done, total, summary)``."""
+              digits_seeds: int | None = None, progress: bool = True,
+              report_only: bool = False) -> tuple[int, int, str]:
+    """Run suite ``suite`` into ``root`` (cached and resumable); returns ``(done, total, summary)``.
+    ``report_only``: report the jobs finished so far, start none."""
     from fewstep.bench.claims import write_claims
     from fewstep.bench.report import write_bench_report
-    from fewstep.bench.runner import run_jobs
+    from fewstep.bench.runner import job_record, run_jobs
     from fewstep.bench.suites import SUITES
     from fewstep.train.rundir import ensure_writable_dir
 
@@ -43,7 +45,10 @@ def run_suite(suite: str, root: Path, jobs: int = 2, threads: int = 1, seeds: in
                            f"and {digits_seeds}")
     ensure_writable_dir(root)
     job_list = suite_jobs(suite, seeds, digits_seeds)
-    records = run_jobs(job_list, root, parallel=jobs, threads=threads, progress=progress)
+    if report_only:
+        records = [r for j in job_list if (r := job_record(root, j))]
+    else:
+        records = run_jobs(job_list, root, parallel=jobs, threads=threads, progress=progress)
     md, page = write_bench_report(suite, job_list, records, root)
     command = f"fewstep bench --suite {suite} --out {root} --seeds {seeds}" + \
         (f" --digits-seeds {digits_seeds}" if digits_seeds != seeds else "")

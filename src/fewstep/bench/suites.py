@@ -427,8 +427,9 @@ def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     each with and without el, and 4-step dmd+dp (the velocity form on the flow teacher, x0 on EDM);
     the teacher at 35 NFE Heun and at few NFE (flow Euler on the flow teacher, DPM-Solver++ on both).
     Metrics on decoded pixels with the data and VAE floors. Jobs are listed in ``LATENT_ARMS`` order
-    (per seed: the 1-step bases, dmd vs dmd+dp at 4 steps, the el arms, the other 4-step arms), so a
-    partial run answers the main questions first. ``digits_seeds`` is ignored."""
+    (per seed: the 1-step bases, dmd vs dmd+dp at 4 steps, the el arms, the other 4-step arms), each
+    arm's runs on the two teachers side by side, so a partial run answers the main questions (flow vs
+    EDM, method by method) first. ``digits_seeds`` is ignored."""
     vae = vae_job("mnist28")
     jobs: list[Job] = [vae]
     teachers = {o: latent_teacher_job(vae, o) for o in LATENT_OBJECTIVES}
@@ -438,11 +439,14 @@ def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
             jobs += [eval_job(t, nfe=n, sampler="flow_euler") for n in (4, 8, 35)]
     for s in seeds:
         for i, arm in enumerate(LATENT_ARMS):
-            for o, t in teachers.items():
-                made = _students_with_evals(jobs, t, [{**spec, "seed": s} for spec in arm(o)], repeats=3)
-                if i == 0 and s == seeds[0]:  # speed: students vs the teacher, methods vs dmd
-                    jobs.append(perf_job(t, made, ["dmd", "dmd+el", "sid", "fdistill", "tfd", "dmd@4",
-                                                   "dmd+dp@4"], name=f"perf-latent-{t.tags['data']}"))
+            made: dict[str, list[Job]] = {o: [] for o in teachers}
+            for pair in zip(*(arm(o) for o in teachers)):  # the two teachers' arms side by side
+                for (o, t), spec in zip(teachers.items(), pair):
+                    made[o] += _students_with_evals(jobs, t, [{**spec, "seed": s}], repeats=3)
+            if i == 0 and s == seeds[0]:  # speed: students vs the teacher, methods vs dmd
+                jobs += [perf_job(t, made[o], ["dmd", "dmd+el", "sid", "fdistill", "tfd", "dmd@4",
+                                               "dmd+dp@4"], name=f"perf-latent-{t.tags['data']}")
+                         for o, t in teachers.items()]
     return jobs
 
 

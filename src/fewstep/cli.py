@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="DIR", help="diffusers AutoencoderKL/AutoencoderTiny folder (e.g. from "
                    "'fewstep vae'): train on the data's latents, encoded once and cached (= data.vae=DIR; "
                    "students, eval and sample read it from the teacher)")
+    p.add_argument("--text", action="store_true", help="a text-to-image teacher (= data.text=true; needs "
+                   "--vae): a Stable Diffusion pipeline directory trained on digit prompts (docs/text.md)")
     _common_run_args(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a k-step student")
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
     p.add_argument("--data", help="training data (default: the teacher's recorded data; = data.name)")
+    p.add_argument("--prompts", metavar="FILE", help="text teachers: prompts to distil on, one per line "
+                   "(= prompts; default for a fewstep text teacher: its training prompts)")
     _foreign_args(p)
     p.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance scale of the teacher's score (guidance; default 1 = "
@@ -227,7 +231,7 @@ def _resolve_teacher_config(args):
 
     flags = _RUN_FLAGS + (("objective", "model.objective"),)
     return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, flags)], args.preset,
-                          vae=args.vae)
+                          vae=args.vae, text=args.text)
 
 
 def _train(args, cfg, what: str) -> int:
@@ -270,8 +274,11 @@ def _resolve_distill_config(args):
 
     flags = _RUN_FLAGS + (("steps", "student.steps"), ("eval_every", "train.eval_every"),
                           ("batch", "train.batch"), ("guidance", "guidance"))
-    return distill_config(args.teacher, args.method, _parse_extras(args.extra),
-                          [*_flag_overrides(args, flags), *args.overrides], args.preset)
+    cfg = distill_config(args.teacher, args.method, _parse_extras(args.extra),
+                         [*_flag_overrides(args, flags), *args.overrides], args.preset)
+    if args.prompts is not None:  # verbatim and absolute, like the teacher: resumes from any directory
+        cfg.prompts = str(Path(args.prompts).resolve())
+    return cfg
 
 
 def cmd_distill(args) -> int:

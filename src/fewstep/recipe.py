@@ -17,7 +17,9 @@ from fewstep.config import (
     DistillRunConfig,
     TeacherRunConfig,
     check_method_names,
+    check_text_teacher,
     load_preset,
+    parse_override,
     resolve,
 )
 from fewstep.errors import FewstepError
@@ -67,13 +69,16 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
 
 
 def teacher_config(data: str, overrides=(), preset: str | None = None,
-                   vae: str | None = None) -> TeacherRunConfig:
-    """The resolved config of ``fewstep teacher --data D [--vae DIR] [key=value ...]``
-    (``teacher_<data>`` preset when one exists, else ``teacher_default``). ``vae`` (``--vae DIR``) is
-    ``data.vae=DIR`` and wins over it; either way the VAE folder is checked and recorded absolute."""
-    name = preset or (f"teacher_{data}" if (PRESET_DIR / f"teacher_{data}.yaml").exists()
-                      else "teacher_default")
-    cfg = resolve(TeacherRunConfig, load_preset(name), [f"data.name={data}", *overrides])
+                   vae: str | None = None, text: bool = False) -> TeacherRunConfig:
+    """The resolved config of ``fewstep teacher --data D [--vae DIR] [--text] [key=value ...]``
+    (``teacher_<data>[_text]`` preset when one exists, else ``teacher_default``). ``vae`` (``--vae DIR``)
+    is ``data.vae=DIR`` and wins over it; either way the VAE folder is checked and recorded absolute.
+    ``text`` (``--text``) is ``data.text=true``."""
+    text = text or any(parse_override(o) == ("data.text", True) for o in overrides)
+    names = ["teacher_text"] * text + [f"teacher_{data}"]  # teacher_text: the CPU-sized text preset
+    name = preset or next((n for n in names if (PRESET_DIR / f"{n}.yaml").exists()), "teacher_default")
+    cfg = resolve(TeacherRunConfig, load_preset(name),
+                  [f"data.name={data}", *["data.text=true"] * text, *overrides])
     cfg.data.name = str(data)  # keep paths verbatim
     if vae is not None:
         cfg.data.vae = str(vae)  # verbatim, as data.name
@@ -81,4 +86,5 @@ def teacher_config(data: str, overrides=(), preset: str | None = None,
         from fewstep.data.latents import check_vae_dir
 
         cfg.data.vae = str(check_vae_dir(cfg.data.vae))
+    check_text_teacher(cfg)
     return cfg

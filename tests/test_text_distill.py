@@ -119,6 +119,21 @@ def test_prompts_without_a_class_refuse_real_batches_in_one_line(teacher, tmp_pa
     assert "loss_dm" in logs and all(math.isfinite(v) for v in logs.values() if isinstance(v, float))
 
 
+def test_a_pipeline_from_elsewhere_distils_in_its_own_vae_latents(teacher, prompts, tmp_path):
+    """No model.json: a Stable Diffusion directory as another tool wrote it; the user names the data."""
+    from fewstep.train.evaluate import _run_dataset
+
+    bare = tmp_path / "sd"
+    fewstep_files = {"model.json", "model.safetensors", "checkpoints", "config.yaml", "metrics.jsonl", "tb"}
+    shutil.copytree(teacher, bare, ignore=lambda d, names: fewstep_files & set(names) if d == str(teacher)
+                    else [])
+    run = _run(bare, prompts, overrides=["data.name=mnist28"])
+    assert run.data.is_latent and tuple(run.data.shape) == (4, 7, 7)
+    assert tuple(_run_dataset(run.cfg, True).shape) == (4, 7, 7)  # the in-loop evaluation's data too
+    logs = train_iteration(run)
+    assert "loss_dm" in logs and all(math.isfinite(v) for v in logs.values() if isinstance(v, float))
+
+
 def _fewstep_class_teacher(path):
     from fewstep.models.io import build_denoiser, save_model
 

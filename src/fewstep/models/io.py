@@ -288,7 +288,11 @@ def _load_text_teacher(p: Path, prompts: list[str]) -> tuple[nn.Module, dict]:
         raise ModelError(f"--prompts needs a text-to-image teacher (a Stable Diffusion pipeline directory, "
                          f"e.g. from 'fewstep teacher --text'); {p} is not one: omit --prompts")
     D = prompt_denoiser(load_text_pipeline(p), prompts).eval()
-    meta = read_model_json(p)[1] if (p / MODEL_JSON).is_file() else {"source": "diffusers", "path": str(p)}
+    if (p / MODEL_JSON).is_file():
+        meta = read_model_json(p)[1]
+    else:  # a pipeline from elsewhere: its data are latents of its own VAE (the data name is the user's)
+        meta = {"source": "diffusers", "path": str(p), "role": "teacher",
+                "data": {"vae": {"path": str(p / "vae")}, "shape": list(D.shape or ())}}
     if "null_label" in meta and meta["null_label"] is None:  # trained without prompt dropout
         setattr(D, NULL_ATTR, None)
     return D, {**meta, "prompts": len(prompts)}

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -401,15 +402,25 @@ def in_training_evaluator(cfg):
     return evaluate
 
 
+def _teacher_data_record(teacher: str) -> dict:
+    """The teacher's model.json ``data`` section; a text pipeline from elsewhere: its own VAE."""
+    from fewstep.models.io import is_text_pipeline, read_model_json
+
+    root = Path(teacher)
+    if (root / "model.json").is_file():
+        return read_model_json(teacher)[1].get("data", {})
+    return {"vae": {"path": str(root / "vae")}} if root.is_dir() and is_text_pipeline(root) else {}
+
+
 def _run_dataset(cfg, conditional: bool) -> Dataset:
     """The run's data set: ``data.name`` (through ``data.vae`` if set), or for distillation the
     teacher's recorded data (its VAE included)."""
     vae = getattr(cfg.data, "vae", "") or None
-    if cfg.data.name:
+    if cfg.data.name and (vae or not getattr(cfg, "teacher", "")):
         return load_dataset(cfg.data.name, conditional=conditional, vae=vae)
-    from fewstep.models.io import read_model_json
-
-    section = read_model_json(cfg.teacher)[1].get("data", {})
+    section = _teacher_data_record(cfg.teacher)
+    if cfg.data.name:  # another data name, the teacher's VAE (as build_run distils in its latent space)
+        return dataset_from_record(section, conditional, name=cfg.data.name)
     name = recorded_data(section, cfg.teacher)
     if not name:
         raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")

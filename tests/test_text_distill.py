@@ -159,3 +159,52 @@ def test_mistakes_are_one_line_exit_2(teacher, prompts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+# --- sample / eval on text models -------------------------------------------------------------------
+def test_prompt_adherence_is_the_feature_networks_accuracy_on_the_prompts_class():
+    from fewstep.train.evaluate import metric_space, prompt_adherence
+
+    space = metric_space(load_dataset("mnist28", conditional=True))
+    x, y = space.data.test_samples(300, torch.Generator().manual_seed(0))
+    right = prompt_adherence(space, x, y)
+    wrong = prompt_adherence(space, x, (y + 1) % 10)
+    assert right["prompt_adherence"] > 0.9 and wrong["prompt_adherence"] < 0.1  # real digits: its accuracy
+    assert right["prompt_classified"] == 1
+    half = torch.where(torch.arange(300) % 2 == 0, y, torch.full_like(y, -1))  # prompts naming no class
+    assert prompt_adherence(space, x, half)["prompt_classified"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def student(teacher, prompts, tmp_path_factory):
+    from fewstep.train.distill import train_distill
+
+    cfg = distill_config(str(teacher), "dmd", None, [*SMALL, f"prompts={prompts}"])
+    return train_distill(cfg, tmp_path_factory.mktemp("s") / "student", progress=False)
+
+
+def test_eval_and_sample_take_prompts(teacher, student, tmp_path, capsys):
+    from fewstep.train.generate import load_generator
+
+    mixed = _prompt_file(tmp_path / "mixed.txt", ["a zebra", "the digit 5", "a neatly written two"])
+    gen = load_generator(student, prompts=["a zebra", "the digit 5", "a neatly written two"])
+    assert gen.model.G.prompts == ["a zebra", "the digit 5", "a neatly written two"]
+    pipe = load_text_pipeline(teacher)  # a student's new prompts are encoded by its teacher's encoder
+    torch.testing.assert_close(gen.model.G.embeds[:3], pipe.encode_prompts(gen.model.G.prompts), rtol=0,
+                               atol=0)
+    assert gen.cond_classes.tolist() == [-1, 5, 2]
+    for model, nfe in ((student, "2"), (teacher, "3")):
+        out = tmp_path / f"{model.name}.json"
+        assert main(["eval", str(model), "--n", "30", "--nfe", nfe, "--prompts", str(mixed),
+                     "--json", str(out)]) == 0
+        metrics = json.loads(out.read_text())
+        assert 0 <= metrics["prompt_adherence"] <= 1 and metrics["prompt_classified"] == pytest.approx(2 / 3)
+        assert metrics["n_samples"] == 30 and math.isfinite(metrics["fd"])
+    assert main(["sample", str(student), "--n", "6", "--prompts", str(mixed),
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    mlp = _fewstep_class_teacher(tmp_path / "mlp")
+    capsys.readouterr()
+    assert main(["sample", str(mlp), "--n", "4", "--prompts", str(mixed),
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a text-to-image teacher" in err and err.count("\n") == 1

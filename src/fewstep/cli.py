@@ -58,6 +58,17 @@ def _foreign_args(p: argparse.ArgumentParser) -> None:
                         "(default: the last embedding; none: every embedding is a class)")
 
 
+def _prompts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", metavar="FILE", help="text models: prompts to sample, one per line, in turn "
+                   "(default: the model's own prompts; eval adds prompt_adherence, docs/text.md)")
+
+
+def _prompts(args) -> list[str] | None:
+    from fewstep.models.text_cond import read_prompts
+
+    return read_prompts(args.prompts) if getattr(args, "prompts", None) else None
+
+
 def _foreign(args):
     """The context in which diffusers teachers load with --scheduler / --null-class."""
     from fewstep.models.adapters import parse_null_class, teacher_options
@@ -117,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--data", help="data set whose modes a 2-D scatter shows (default: the model's)")
+    _prompts_arg(p)
     _foreign_args(p)
 
     p = sub.add_parser("eval", help="metrics of a teacher (at any NFE) or a student")
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
                         "2 network evaluations per denoiser call")
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
+    _prompts_arg(p)
     p.add_argument("--vae", metavar="DIR", help="with --samples: the samples are latents of this diffusers "
                    "VAE (.npz key z first), decoded and scored on pixels with the VAE floors; models "
                    "record their VAE")
@@ -305,7 +318,7 @@ def cmd_sample(args) -> int:
 
     with _foreign(args):  # --scheduler / --null-class reach the loader
         nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed,
-                             args.device, data=args.data, guidance=args.guidance)
+                             args.device, data=args.data, guidance=args.guidance, prompts=_prompts(args))
     print(f"{args.n} samples ({nfe} NFE) written to {args.out}")
     return 0
 
@@ -332,7 +345,7 @@ def cmd_eval(args) -> int:
     with _foreign(args):
         metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
                                  seed=args.seed, data=args.data, fid=args.fid, device=args.device,
-                                 repeats=args.repeats, guidance=args.guidance)
+                                 repeats=args.repeats, guidance=args.guidance, prompts=_prompts(args))
     return _print_metrics(args, metrics)
 
 

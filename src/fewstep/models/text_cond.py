@@ -119,6 +119,19 @@ def prompt_denoiser(teacher, prompts: list[str]) -> PromptDenoiser:
     return PromptDenoiser(teacher.denoiser, teacher.encode_prompts([*prompts, NULL_PROMPT]), prompts)
 
 
+def with_prompts(D: PromptDenoiser, prompts: list[str], teacher: str | Path) -> PromptDenoiser:
+    """``D`` (a text student's network) with ``prompts`` encoded by the text encoder of the pipeline
+    ``teacher`` it was distilled from (the student's own UNet; new prompts need no retraining to be
+    tried, though the student was trained on its own table's prompts)."""
+    from fewstep.models.text import load_text_pipeline
+
+    if not isinstance(D, PromptDenoiser):
+        raise ModelError("--prompts needs a text model (a text teacher or its student); this one takes "
+                         "class labels: omit --prompts")
+    fresh = prompt_denoiser(load_text_pipeline(teacher), prompts)
+    return PromptDenoiser(D.net, fresh.embeds, prompts).eval()
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """A prompt file: one prompt per line (surrounding spaces and blank lines dropped; duplicates kept,
     so a repeated line is drawn more often). One-line errors for a missing or empty file."""

@@ -179,8 +179,8 @@ def test_prompt_adherence_is_the_feature_networks_accuracy_on_the_prompts_class(
 def student(teacher, prompts, tmp_path_factory):
     from fewstep.train.distill import train_distill
 
-    cfg = distill_config(str(teacher), "dmd", None, [*SMALL, f"prompts={prompts}"])
-    return train_distill(cfg, tmp_path_factory.mktemp("s") / "student", progress=False)
+    cfg = distill_config(str(teacher), "dmd", None, [*SMALL, f"prompts={prompts}", "student.renoise=ddim"])
+    return train_distill(cfg, tmp_path_factory.mktemp("s") / "student", progress=False)  # deterministic chain
 
 
 def test_eval_and_sample_take_prompts(teacher, student, tmp_path, capsys):
@@ -208,3 +208,31 @@ def test_eval_and_sample_take_prompts(teacher, student, tmp_path, capsys):
                  "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert "needs a text-to-image teacher" in err and err.count("\n") == 1
+
+
+# --- export -----------------------------------------------------------------------------------------
+def test_the_exported_student_is_a_stable_diffusion_pipeline_that_samples_it(student, tmp_path, capsys):
+    """A ddim student exports with an EulerDiscreteScheduler: pipe(...) is the student (the fresh
+    students' LCMScheduler plan is the one of UNet2DModel students, tests/test_export_diffusers.py)."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.train.generate import load_generator
+
+    out = tmp_path / "sd"
+    assert main(["export", str(student), "--format", "diffusers", "--out", str(out)]) == 0
+    record = json.loads((out / "fewstep_export.json").read_text())
+    assert record["scheduler"] == "EulerDiscreteScheduler" and record["pipeline_is_exact"]
+    assert record["pipeline"] == "StableDiffusionPipeline" and record["prompts"] == PROMPTS
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    z = torch.randn(3, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, latents=z, height=32, width=32,
+                  output_type="latent").images
+    with torch.no_grad():
+        ours = load_generator(student).model(z, torch.arange(3))  # deterministic given z
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    img = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=1.0, latents=z[:2], height=32, width=32,
+               output_type="np").images
+    assert img.shape == (2, 28, 28, 1) and (img >= 0).all() and (img <= 1).all()
+    capsys.readouterr()
+    assert main(["export", str(student), "--format", "diffusers", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -289,8 +289,10 @@ def _resolve_distill_config(args):
                           ("batch", "train.batch"), ("guidance", "guidance"))
     cfg = distill_config(args.teacher, args.method, _parse_extras(args.extra),
                          [*_flag_overrides(args, flags), *args.overrides], args.preset)
-    if args.prompts is not None:  # verbatim and absolute, like the teacher: resumes from any directory
-        cfg.prompts = str(Path(args.prompts).resolve())
+    if args.prompts is not None:  # verbatim (YAML could mangle a path), then checked and made absolute
+        from fewstep.recipe import check_prompts
+
+        cfg.prompts = check_prompts(cfg.teacher, args.prompts)
     return cfg
 
 

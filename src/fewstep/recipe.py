@@ -65,7 +65,22 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
     # Verbatim (YAML parsing could mangle paths), and absolute when it exists: the run then resumes
     # and evaluates from any working directory, and `--teacher d` equals `--teacher /abs/d`.
     cfg.teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
+    if cfg.prompts:
+        cfg.prompts = check_prompts(cfg.teacher, cfg.prompts)
     return cfg
+
+
+def check_prompts(teacher: str, prompts: str) -> str:
+    """``--prompts FILE`` before anything is written: a readable, non-empty file (returned absolute)
+    and a text-to-image teacher (one-line errors)."""
+    from fewstep.models.io import is_text_pipeline
+    from fewstep.models.text_cond import read_prompts
+
+    read_prompts(prompts)
+    if Path(teacher).is_dir() and not is_text_pipeline(Path(teacher)):
+        raise FewstepError(f"--prompts needs a text-to-image teacher (a Stable Diffusion pipeline directory, "
+                           f"e.g. from 'fewstep teacher --text'); {teacher} is not one: omit --prompts")
+    return str(Path(prompts).resolve())
 
 
 def teacher_config(data: str, overrides=(), preset: str | None = None,

@@ -8,6 +8,9 @@ Class-conditional teachers train with label dropout (Ho & Salimans 2022; specs/g
 label becomes the null label -1 (zero one-hot) with probability ``train.p_uncond``, drawn from the
 step's ``p_uncond`` stream, so the teacher has an unconditional branch for classifier-free guidance.
 Unconditional runs (and ``p_uncond = 0``) make no such draw.
+
+Text teachers (``data.text``, ``fewstep teacher --text``) train their pipeline's UNet with its own
+epsilon objective on template prompts of each label (``train/text_teacher.py``).
 """
 
 from __future__ import annotations

@@ -58,6 +58,17 @@ def _foreign_args(p: argparse.ArgumentParser) -> None:
                         "(default: the last embedding; none: every embedding is a class)")
 
 
+def _prompts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", metavar="FILE", help="text models: prompts to sample, one per line, in turn "
+                   "(default: the model's own prompts; eval adds prompt_adherence, docs/text.md)")
+
+
+def _prompts(args) -> list[str] | None:
+    from fewstep.models.text_cond import read_prompts
+
+    return read_prompts(args.prompts) if getattr(args, "prompts", None) else None
+
+
 def _foreign(args):
     """The context in which diffusers teachers load with --scheduler / --null-class."""
     from fewstep.models.adapters import parse_null_class, teacher_options
@@ -81,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="DIR", help="diffusers AutoencoderKL/AutoencoderTiny folder (e.g. from "
                    "'fewstep vae'): train on the data's latents, encoded once and cached (= data.vae=DIR; "
                    "students, eval and sample read it from the teacher)")
+    p.add_argument("--text", action="store_true", help="a text-to-image teacher (= data.text=true; needs "
+                   "--vae): a Stable Diffusion pipeline directory trained on digit prompts (docs/text.md)")
     _common_run_args(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a k-step student")
@@ -92,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="in-training evaluation period (train.eval_every)")
     p.add_argument("--batch", type=int, help="global batch size (train.batch)")
     p.add_argument("--data", help="training data (default: the teacher's recorded data; = data.name)")
+    p.add_argument("--prompts", metavar="FILE", help="text teachers: prompts to distil on, one per line "
+                   "(= prompts; default for a fewstep text teacher: its training prompts)")
     _foreign_args(p)
     p.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance scale of the teacher's score (guidance; default 1 = "
@@ -113,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.png (grid or 2-D scatter) or FILE.npz")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--data", help="data set whose modes a 2-D scatter shows (default: the model's)")
+    _prompts_arg(p)
     _foreign_args(p)
 
     p = sub.add_parser("eval", help="metrics of a teacher (at any NFE) or a student")
@@ -130,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale of a teacher (default 1 = off); NFE then counts "
                         "2 network evaluations per denoiser call")
     p.add_argument("--data", help="data set to compare with (default: the model's training data)")
+    _prompts_arg(p)
     p.add_argument("--vae", metavar="DIR", help="with --samples: the samples are latents of this diffusers "
                    "VAE (.npz key z first), decoded and scored on pixels with the VAE floors; models "
                    "record their VAE")
@@ -230,7 +247,7 @@ def _resolve_teacher_config(args):
 
     flags = _RUN_FLAGS + (("objective", "model.objective"),)
     return teacher_config(args.data, [*args.overrides, *_flag_overrides(args, flags)], args.preset,
-                          vae=args.vae)
+                          vae=args.vae, text=args.text)
 
 
 def _train(args, cfg, what: str) -> int:
@@ -273,8 +290,13 @@ def _resolve_distill_config(args):
 
     flags = _RUN_FLAGS + (("steps", "student.steps"), ("eval_every", "train.eval_every"),
                           ("batch", "train.batch"), ("guidance", "guidance"))
-    return distill_config(args.teacher, args.method, _parse_extras(args.extra),
-                          [*_flag_overrides(args, flags), *args.overrides], args.preset)
+    cfg = distill_config(args.teacher, args.method, _parse_extras(args.extra),
+                         [*_flag_overrides(args, flags), *args.overrides], args.preset)
+    if args.prompts is not None:  # verbatim (YAML could mangle a path), then checked and made absolute
+        from fewstep.recipe import check_prompts
+
+        cfg.prompts = check_prompts(cfg.teacher, args.prompts)
+    return cfg
 
 
 def cmd_distill(args) -> int:
@@ -301,7 +323,7 @@ def cmd_sample(args) -> int:
 
     with _foreign(args):  # --scheduler / --null-class reach the loader
         nfe = sample_to_file(args.model, Path(args.out), args.n, args.nfe, args.sampler, args.seed,
-                             args.device, data=args.data, guidance=args.guidance)
+                             args.device, data=args.data, guidance=args.guidance, prompts=_prompts(args))
     print(f"{args.n} samples ({nfe} NFE) written to {args.out}")
     return 0
 
@@ -328,7 +350,7 @@ def cmd_eval(args) -> int:
     with _foreign(args):
         metrics = evaluate_model(args.model, n=args.n, nfe=args.nfe, sampler=args.sampler,
                                  seed=args.seed, data=args.data, fid=args.fid, device=args.device,
-                                 repeats=args.repeats, guidance=args.guidance)
+                                 repeats=args.repeats, guidance=args.guidance, prompts=_prompts(args))
     return _print_metrics(args, metrics)
 
 

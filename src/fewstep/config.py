@@ -30,6 +30,8 @@ class DataConfig:
     name: str = "ring8"          # ring8 | grid25 | digits8 | path to .npy/.npz/.json/.yaml/image folder
     conditional: bool = False    # class-conditional teacher/student (needs labels or mixture components)
     vae: str = ""                # diffusers VAE folder: train on its cached latents of the data ("" = pixels)
+    text: bool = False           # teachers: a text-to-image teacher (--text; needs data.vae): a Stable
+    #                              Diffusion pipeline conditioned on digit prompts (models/text.py)
 
 
 @dataclass
@@ -41,7 +43,8 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (0.65 M params)
     layers_per_block: int = 1    # UNet resnets per block
     sigma_data: float = 0.5      # EDM sigma_data (data std the preconditioning assumes)
-    objective: str = "edm"       # edm (EDM denoiser) | flow (rectified-flow velocity, SD3 convention)
+    objective: str = "edm"       # edm (EDM denoiser) | flow (rectified-flow velocity, SD3 convention);
+    #                              text teachers train with their scheduler's epsilon objective instead
     flow_t: str = "logit_normal"  # flow training times: logit_normal (SD3: sigmoid of N(0, 1)) | uniform
 
 
@@ -104,6 +107,16 @@ class TeacherRunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+def check_text_teacher(cfg: TeacherRunConfig) -> None:
+    """A text teacher's rules (after --vae is applied: the recipe sets it verbatim after resolving)."""
+    if cfg.data.text and not cfg.data.vae:
+        raise ConfigError("--text (data.text=true) trains a latent text-to-image teacher and needs a "
+                          "VAE: pass --vae DIR (e.g. from 'fewstep vae --data mnist28')")
+    if cfg.data.text and cfg.model.objective == "flow":
+        raise ConfigError("a text teacher trains with its pipeline's epsilon objective (an "
+                          "EulerDiscreteScheduler); drop --objective flow / model.objective=flow")
+
+
 @dataclass
 class StudentConfig:
     steps: int = 1               # k: network evaluations of the student
@@ -153,6 +166,8 @@ class DistillSettings:
     teacher: str = ""            # teacher directory (fewstep run or diffusers save_pretrained)
     method: str = "dmd"          # the base method (a name in losses.BASES)
     extras: dict[str, float] = field(default_factory=dict)  # extra terms and weights, e.g. {el: 0.5}
+    prompts: str = ""            # text teachers: prompt file, one prompt per line (--prompts); each
+    #                              condition is a line drawn uniformly from the step's "prompt" stream
     guidance: float = 1.0        # classifier-free guidance scale w of the teacher's score where a method
     #                              uses one (1 = off; per-method overrides: dp.guidance, sid.cfg_*;
     #                              docs/guidance.md); the student samples unguided
@@ -171,6 +186,9 @@ class DistillSettings:
 
     def check(self) -> None:
         check_method_names(self.method, self.extras)
+        if self.data.text:
+            raise ConfigError("data.text is a teacher setting; a text teacher's student is distilled with "
+                              "--prompts FILE")
         for name, weight in self.extras.items():
             if not weight >= 0 or weight == float("inf"):
                 raise ConfigError(f"extra weight {name}={weight} must be a finite number >= 0, "

@@ -17,7 +17,9 @@ from fewstep.config import (
     DistillRunConfig,
     TeacherRunConfig,
     check_method_names,
+    check_text_teacher,
     load_preset,
+    parse_override,
     resolve,
 )
 from fewstep.errors import FewstepError
@@ -63,17 +65,35 @@ def distill_config(teacher: str, method: str, extras: dict | None = None, overri
     # Verbatim (YAML parsing could mangle paths), and absolute when it exists: the run then resumes
     # and evaluates from any working directory, and `--teacher d` equals `--teacher /abs/d`.
     cfg.teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
+    if cfg.prompts:
+        cfg.prompts = check_prompts(cfg.teacher, cfg.prompts)
     return cfg
 
 
+def check_prompts(teacher: str, prompts: str) -> str:
+    """``--prompts FILE`` before anything is written: a readable, non-empty file (returned absolute)
+    and a text-to-image teacher (one-line errors)."""
+    from fewstep.models.io import is_text_pipeline
+    from fewstep.models.text_cond import read_prompts
+
+    read_prompts(prompts)
+    if Path(teacher).is_dir() and not is_text_pipeline(Path(teacher)):
+        raise FewstepError(f"--prompts needs a text-to-image teacher (a Stable Diffusion pipeline directory, "
+                           f"e.g. from 'fewstep teacher --text'); {teacher} is not one: omit --prompts")
+    return str(Path(prompts).resolve())
+
+
 def teacher_config(data: str, overrides=(), preset: str | None = None,
-                   vae: str | None = None) -> TeacherRunConfig:
-    """The resolved config of ``fewstep teacher --data D [--vae DIR] [key=value ...]``
-    (``teacher_<data>`` preset when one exists, else ``teacher_default``). ``vae`` (``--vae DIR``) is
-    ``data.vae=DIR`` and wins over it; either way the VAE folder is checked and recorded absolute."""
-    name = preset or (f"teacher_{data}" if (PRESET_DIR / f"teacher_{data}.yaml").exists()
-                      else "teacher_default")
-    cfg = resolve(TeacherRunConfig, load_preset(name), [f"data.name={data}", *overrides])
+                   vae: str | None = None, text: bool = False) -> TeacherRunConfig:
+    """The resolved config of ``fewstep teacher --data D [--vae DIR] [--text] [key=value ...]``
+    (``teacher_<data>[_text]`` preset when one exists, else ``teacher_default``). ``vae`` (``--vae DIR``)
+    is ``data.vae=DIR`` and wins over it; either way the VAE folder is checked and recorded absolute.
+    ``text`` (``--text``) is ``data.text=true``."""
+    text = text or any(parse_override(o) == ("data.text", True) for o in overrides)
+    names = ["teacher_text"] * text + [f"teacher_{data}"]  # teacher_text: the CPU-sized text preset
+    name = preset or next((n for n in names if (PRESET_DIR / f"{n}.yaml").exists()), "teacher_default")
+    cfg = resolve(TeacherRunConfig, load_preset(name),
+                  [f"data.name={data}", *["data.text=true"] * text, *overrides])
     cfg.data.name = str(data)  # keep paths verbatim
     if vae is not None:
         cfg.data.vae = str(vae)  # verbatim, as data.name
@@ -81,4 +101,5 @@ def teacher_config(data: str, overrides=(), preset: str | None = None,
         from fewstep.data.latents import check_vae_dir
 
         cfg.data.vae = str(check_vae_dir(cfg.data.vae))
+    check_text_teacher(cfg)
     return cfg

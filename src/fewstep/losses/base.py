@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fewstep.core.guidance import check_guidable
-from fewstep.errors import ConfigError
+from fewstep.errors import ConfigError, FewstepError
 
 PHASES = ("generator", "fake_score", "discriminator")
 KINDS = ("base", "extra")
@@ -70,7 +70,8 @@ class Batch:
 
     z: torch.Tensor                       # [B, *shape] standard-normal student input noise
     cond: torch.Tensor | None             # [B] class labels or None
-    real: torch.Tensor                    # [B, *shape] real training samples with the same labels
+    real: torch.Tensor | None             # [B, *shape] real training samples with the same labels;
+    #                                       None when the conditions have none (read: real_batch)
     rnd: RandomSource                     # noise / sigma draws
     step: int = 0                         # iteration index
     seed: int = 0                         # run seed
@@ -79,6 +80,7 @@ class Batch:
     all_mean: Callable = _alone          # averages a float tensor over the processes
     #                                       (identity in one process): batch-level statistics a
     #                                       term normalises by must be global (f-distill's weights)
+    no_real: str = ""                     # why ``real`` is None
 
 
 @dataclass
@@ -112,6 +114,13 @@ class Context:
     decode: Callable | None = None         # latent data: scaled latents -> pixels (differentiable,
     #                                        the VAE decoder); None for pixel and vector data
     pixel_shape: tuple | None = None       # latent data: the decoded sample shape
+
+
+def real_batch(batch: Batch, who: str) -> torch.Tensor:
+    """``batch.real``, or a one-line error naming ``who`` needs it and why there is none."""
+    if batch.real is None:
+        raise FewstepError(f"{who} needs a real batch paired with the conditions, but {batch.no_real}")
+    return batch.real
 
 
 class Term:

@@ -25,7 +25,17 @@ from fewstep.core.precond import RHO, SIGMA_MAX, SIGMA_MIN
 from fewstep.core.sampling import karras_sigmas
 from fewstep.core.utils import append_dims, mean_flat, sum_flat
 from fewstep.errors import ConfigError
-from fewstep.losses.base import Batch, LossOutput, Method, MethodEntry, Nets, Term, guidance_scale, null_cond
+from fewstep.losses.base import (
+    Batch,
+    LossOutput,
+    Method,
+    MethodEntry,
+    Nets,
+    Term,
+    guidance_scale,
+    null_cond,
+    real_batch,
+)
 
 # one student update per iteration, no critic
 DEFAULTS = {"schedule": {"ratio": 1, "gen_offset": 0, "critic_on_gen_steps": False, "critic_first": False}}
@@ -82,7 +92,7 @@ class ConsistencyDistillation(Term):
         self.guidance, self.null = guidance, null
 
     def __call__(self, nets: Nets, batch: Batch, gen=None) -> LossOutput:
-        cfg, x0 = self.cfg, batch.real
+        cfg, x0 = self.cfg, real_batch(batch, "cd")  # CD noises real data (Song et al. 2023, Alg. 2)
         n = batch.rnd.randint("cd_index", 0, cfg.num_points - 1).cpu()  # U{0..N-2}: t' always exists
         t, t_next = self.t[n].to(x0), self.t[n + 1].to(x0)
         x_t = x0 + append_dims(t, x0.ndim) * batch.rnd.randn("cd_noise", *x0.shape[1:]).to(x0)

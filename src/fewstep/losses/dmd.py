@@ -33,6 +33,7 @@ from fewstep.losses.base import (
     check_non_negative,
     guidance_scale,
     null_cond,
+    real_batch,
 )
 from fewstep.models.taps import bottleneck_path, forward_with_taps
 
@@ -193,7 +194,8 @@ class GANDiscriminator(Term):
 
     def __call__(self, nets, batch, gen) -> LossOutput:
         xf, sf = _diffusion_gan_noise(gen.x.detach(), batch.rnd, "gan_df", self.K, self.cfg.gan_max_index)
-        xr, sr = _diffusion_gan_noise(batch.real, batch.rnd, "gan_dr", self.K, self.cfg.gan_max_index)
+        real = real_batch(batch, "the GAN discriminator")
+        xr, sr = _diffusion_gan_noise(real, batch.rnd, "gan_dr", self.K, self.cfg.gan_max_index)
         l_fake, l_real = gan_logits(nets, xf, sf, batch.cond), gan_logits(nets, xr, sr, batch.cond)
         loss = F.softplus(l_fake) + F.softplus(-l_real)
         return LossOutput(loss, {"gan_d": loss.mean().detach(),

@@ -20,7 +20,7 @@ import torch
 
 from fewstep.core.kernels import mmd2_linear_unbiased, mmd2_unbiased_pooled
 from fewstep.errors import ConfigError, FewstepError
-from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term
+from fewstep.losses.base import Batch, GenOut, LossOutput, Method, MethodEntry, Nets, Term, real_batch
 from fewstep.models.embed import check_pool, draw_networks
 
 KERNELS = ("gauss", "linear")
@@ -149,7 +149,7 @@ class ELTerm(Term):
                              c.res_scale)
 
     def __call__(self, nets: Nets, batch: Batch, gen: GenOut) -> LossOutput:
-        x_fake, x_real = gen.x, batch.real.to(gen.x.device).detach()
+        x_fake, x_real = gen.x, real_batch(batch, "el").to(gen.x.device).detach()
         if self.decode is not None:  # random networks on decoded pixels, gradient through the decoder
             x_fake = self.decode(x_fake)
             with torch.no_grad():

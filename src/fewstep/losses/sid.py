@@ -44,6 +44,7 @@ from fewstep.losses.base import (
     Term,
     guidance_scale,
     null_cond,
+    real_batch,
 )
 from fewstep.losses.di import edm_fake_loss, lognormal_sigma
 from fewstep.models.taps import bottleneck_path, capture, forward_with_taps
@@ -189,7 +190,8 @@ class FakeScore(Term):
             fake = edm_denoising_loss(nets.fake, y, sigma, eps, batch.cond, self.sigma_data, sum_flat)
         l_fake = store[self.path].mean(dim=1, keepdim=True)
         n = append_dims(sigma, y.ndim) * eps
-        _, l_real = fake_with_logits(nets.fake, batch.real.to(y) + n, sigma, batch.cond, self.path)
+        real = real_batch(batch, "the SiDA discriminator").to(y)
+        _, l_real = fake_with_logits(nets.fake, real + n, sigma, batch.cond, self.path)
         keep = finite_samples(y, l_real)  # the BCEs are batch means: leave NaN samples out
         disc = d_loss(l_real[keep], l_fake[keep], sigma, self.sigma_data)
         logs = {"fake": fake, "sida_d": disc, "d_real_acc": (l_real > 0).float().mean(),

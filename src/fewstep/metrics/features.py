@@ -75,6 +75,16 @@ def _featnet_features(data: str, x: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
+@torch.no_grad()
+def featnet_classes(data: str, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The ``data`` feature network's predicted class of each image ``x [B, C, H, W]`` in [-1, 1]
+    (argmax of its logits) -> ``[B]`` long, on ``x``'s device."""
+    _featnet_features(data, x[:1], 1)  # the shape check
+    net = _featnet(data, str(x.device))
+    x = x.detach().float()
+    return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+
+
 def digits_features(x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Digits classifier penultimate features: ``x`` ``[B, 1, 8, 8]`` in [-1, 1] -> ``[B, 128]`` float32
     on ``x``'s device (shipped weights, loaded once, eval mode, batched)."""

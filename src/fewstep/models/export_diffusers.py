@@ -109,9 +109,7 @@ def _check_levels(got, want, what: str) -> None:
 
 
 def _plain_unet_copy(unet):
-    from diffusers import UNet2DModel
-
-    copy = UNet2DModel.from_config(unet.config)
+    copy = type(unet).from_config(unet.config)  # UNet2DModel, or a text student's UNet2DConditionModel
     copy.load_state_dict(unet.state_dict())
     return copy.float().eval()
 
@@ -455,13 +453,14 @@ def set_student_timesteps(scheduler, set_timesteps: dict) -> None:
 
 @torch.no_grad()
 def sample_exported(unet, scheduler, z: torch.Tensor, class_labels=None, generator=None,
-                    set_timesteps: dict | None = None) -> torch.Tensor:
+                    set_timesteps: dict | None = None, encoder_hidden_states=None) -> torch.Tensor:
     """The exact k-step sampler of an exported student with diffusers' own classes (the documented
     "few lines"): diffusers' loop after ``scheduler.set_timesteps(k)`` (or, given the export record's
     ``set_timesteps``, after :func:`set_student_timesteps`), started at fewstep's ``sigma_0 z``
     (``init_noise_sigma`` for Euler / CM; ``sigmas[0]`` for EDMEuler, whose init_noise_sigma is
     ``sqrt(sigma_max^2 + 1)``; for LCM ``sqrt(1 - abar_0) z``, which is sigma_0 z in VP units, where
-    ``pipe()`` uses ``z``). ``generator`` draws the re-noising noise."""
+    ``pipe()`` uses ``z``). ``generator`` draws the re-noising noise. Text students (a
+    UNet2DConditionModel) take their prompts' ``encoder_hidden_states [B, L, d]`` instead of labels."""
     if set_timesteps is not None:
         set_student_timesteps(scheduler, set_timesteps)
     elif not getattr(scheduler, "num_inference_steps", None):
@@ -473,7 +472,9 @@ def sample_exported(unet, scheduler, z: torch.Tensor, class_labels=None, generat
     elif name == "EDMEulerScheduler":
         x = z * scheduler.sigmas[0]
     for t in scheduler.timesteps:
-        out = unet(scheduler.scale_model_input(x, t), t, class_labels=class_labels).sample
+        cond = {"class_labels": class_labels} if encoder_hidden_states is None else \
+            {"encoder_hidden_states": encoder_hidden_states}
+        out = unet(scheduler.scale_model_input(x, t), t, **cond).sample
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
 
@@ -568,6 +569,10 @@ def export_diffusers(run: str | Path, out: str | Path) -> dict:
     if meta.get("role") != "student":
         raise ModelError(f"{run} is a teacher; export --format diffusers writes distilled students")
     G = G.float().eval()
+    if hasattr(G, "prompts"):  # a text student: a StableDiffusionPipeline around its UNet
+        from fewstep.models.export_text import export_text_student
+
+        return export_text_student(run, out, G, meta)
     sigmas, renoise = [float(s) for s in meta["sigmas"]], meta.get("renoise", "fresh")
     plan = plan_export(G, sigmas, renoise)
     out = Path(out)

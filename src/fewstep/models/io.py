@@ -57,6 +57,10 @@ def normalize_spec(spec: dict) -> dict:
         if missing or unknown:
             raise ModelError(f"diffusers model spec: missing {missing}, unknown {unknown}")
         return {**DIFFUSERS_OPTIONAL, **spec}
+    if isinstance(spec, dict) and spec.get("type") == "text":  # a text-to-image UNet + prompt table
+        from fewstep.models.text_cond import normalize_text_spec
+
+        return normalize_text_spec(spec)
     if isinstance(spec, dict) and spec.get("type") in EDM_TYPES:  # an NVlabs/edm or edm2 network
         from fewstep.models.edm_precond import normalize_edm_spec
 
@@ -64,7 +68,7 @@ def normalize_spec(spec: dict) -> dict:
     if not isinstance(spec, dict) or spec.get("type") not in ARCHS:
         kind = spec.get("type") if isinstance(spec, dict) else type(spec).__name__
         raise ModelError(f"model spec type {kind!r} is unknown; expected one of "
-                         f"{sorted([*ARCHS, 'diffusers', *EDM_TYPES])}")
+                         f"{sorted([*ARCHS, 'diffusers', 'text', *EDM_TYPES])}")
     params = _arch_params(ARCHS[spec["type"]])
     allowed = {"type", *params, *PRECOND_DEFAULTS}
     unknown = sorted(set(spec) - allowed)
@@ -91,6 +95,10 @@ def build_denoiser(spec: dict) -> EDMPrecond:
         from fewstep.models.adapters import build_diffusers_denoiser
 
         return build_diffusers_denoiser(spec)
+    if spec["type"] == "text":
+        from fewstep.models.text_cond import build_text_denoiser
+
+        return build_text_denoiser(spec)
     if spec["type"] in EDM_TYPES:
         from fewstep.models.edm_precond import build_edm_denoiser
 
@@ -220,18 +228,23 @@ def load_model(dir: str | Path) -> tuple[EDMPrecond, dict]:
         raise ModelError(f"{MODEL_WEIGHTS} does not match {MODEL_JSON} ({str(e).splitlines()[0]})") from None
     if meta.get("role") != "student" and meta.get("null_label") is not None:
         setattr(denoiser, NULL_ATTR, int(meta["null_label"]))  # trained with label dropout: guidable
+    elif meta.get("role") == "teacher" and "null_label" in meta:  # trained without dropout: not guidable
+        setattr(denoiser, NULL_ATTR, None)
     return denoiser.eval(), meta
 
 
-def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
+def load_teacher(path: str | Path, prompts: list[str] | None = None) -> tuple[nn.Module, dict]:
     """Any supported teacher -> (denoiser ``D(x, sigma, cond)`` in eval mode, meta).
 
     A fewstep model directory (``model.json``), a diffusers ``save_pretrained`` directory
     (``model_index.json`` or ``config.json``), or their ``model.json`` / ``model.safetensors`` file, or
     an NVlabs/edm / edm2 network snapshot ``.pkl`` (read as data, never executed). Other pickle files
-    are refused.
+    are refused. ``prompts`` (``--prompts FILE``): the conditions of a text-to-image pipeline directory
+    (``models/text_cond.py``); without them a fewstep text teacher uses its training prompts.
     """
     p = Path(path)
+    if prompts is not None:
+        return _load_text_teacher(p, prompts)
     if not p.exists():
         raise ModelError(f"teacher path {p} does not exist; pass a fewstep teacher run directory, a "
                          "diffusers directory or an EDM network .pkl")
@@ -248,9 +261,38 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict]:
         p = p.parent
     if (p / MODEL_JSON).is_file():
         return load_model(p)
+    if is_text_pipeline(p):
+        raise ModelError(f"{p} is a text-to-image pipeline: give the prompts to distil on with --prompts "
+                         "FILE (one prompt per line)")
     if is_diffusers_dir(p):
         D = load_diffusers_teacher(p)
         return D, {"source": "diffusers", "path": str(p), "prediction_type": D.prediction_type}
     _refuse_pickles(p, f"{MODEL_JSON} / config.json")
     raise ModelError(f"{p} is not a model directory: expected {MODEL_JSON} (fewstep) or "
                      "config.json / model_index.json (diffusers)")
+
+
+def is_text_pipeline(path: Path) -> bool:
+    """A Stable-Diffusion-style directory: ``model_index.json`` naming a text encoder."""
+    index = path / "model_index.json"
+    return index.is_file() and "text_encoder" in json.loads(index.read_text() or "{}")
+
+
+def _load_text_teacher(p: Path, prompts: list[str]) -> tuple[nn.Module, dict]:
+    """A text pipeline directory with ``prompts`` encoded by its own text encoder; the meta of a
+    fewstep-trained one (its data and VAE) when it has a model.json."""
+    from fewstep.models.text import load_text_pipeline
+    from fewstep.models.text_cond import prompt_denoiser
+
+    if not (p.is_dir() and is_text_pipeline(p)):
+        raise ModelError(f"--prompts needs a text-to-image teacher (a Stable Diffusion pipeline directory, "
+                         f"e.g. from 'fewstep teacher --text'); {p} is not one: omit --prompts")
+    D = prompt_denoiser(load_text_pipeline(p), prompts).eval()
+    if (p / MODEL_JSON).is_file():
+        meta = read_model_json(p)[1]
+    else:  # a pipeline from elsewhere: its data are latents of its own VAE (the data name is the user's)
+        meta = {"source": "diffusers", "path": str(p), "role": "teacher",
+                "data": {"vae": {"path": str(p / "vae")}, "shape": list(D.shape or ())}}
+    if "null_label" in meta and meta["null_label"] is None:  # trained without prompt dropout
+        setattr(D, NULL_ATTR, None)
+    return D, {**meta, "prompts": len(prompts)}

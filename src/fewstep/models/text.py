@@ -6,12 +6,12 @@ classes at a size two CPU cores can train: a ``transformers.CLIPTokenizer`` over
 writes (no download), a small ``CLIPTextModel``, a small ``UNet2DConditionModel`` cross-attending to the
 text encoder's hidden states, the VAE it is given (an ``AutoencoderKL`` directory such as
 ``fewstep vae`` writes) and an ``EulerDiscreteScheduler`` (epsilon prediction, SD's scaled-linear betas).
-The weights are untrained: training the text teacher is the next step of issue 19.
+The weights are untrained; ``fewstep teacher --text`` (``train/text_teacher.py``) trains the UNet.
 
 :func:`load_text_pipeline` reads such a directory -- this tiny one and, by construction, real SD 1.x/2.x
 checkpoints (same layout and classes) -- into a :class:`TextTeacher`: a denoiser ``D(x, sigma, cond)``
 (``models.adapters.DiffusersDDPMDenoiser``; ``cond`` = text hidden states ``[B, L, d]``), a cached
-``encode_prompts`` and the VAE's scaling factor. It is not wired into the engine yet.
+``encode_prompts`` and the VAE's scaling factor; ``models/text_cond.py`` puts it behind the engine's labels.
 
 Latent size: the mnist28 VAE turns 28x28 images into 4x7x7 latents. The UNet has one down-sampling
 (7 -> 4) and diffusers' UNet2DConditionModel up-samples to the skip connection's exact size when the
@@ -66,6 +66,28 @@ def prompts_for_label(label: int) -> list[str]:
     if not 0 <= label < len(DIGIT_NAMES):
         raise ModelError(f"label {label} has no prompt; the digit prompts cover 0..{len(DIGIT_NAMES) - 1}")
     return [t.format(name=DIGIT_NAMES[label], digit=label) for t in TEMPLATES]
+
+
+def _normal(prompt: str) -> str:
+    """CLIP's tokenizer lower-cases and splits on white space: prompts equal under it are one prompt."""
+    return " ".join(prompt.lower().split())
+
+
+def prompt_class(prompt: str) -> int:
+    """The inverse of :func:`prompts_for_label`: the digit class a template prompt names (case and
+    spacing as the tokenizer sees them), or -1 for any other prompt."""
+    if not _PROMPT_CLASS:
+        _PROMPT_CLASS.update({_normal(p): c for c in range(len(DIGIT_NAMES)) for p in prompts_for_label(c)})
+    return _PROMPT_CLASS.get(_normal(prompt), -1)
+
+
+_PROMPT_CLASS: dict[str, int] = {}
+
+
+def template_prompts(num_classes: int = len(DIGIT_NAMES)) -> list[str]:
+    """Every template prompt of classes ``0..num_classes-1``: prompt ``c * len(TEMPLATES) + j`` is
+    template ``j`` of class ``c`` (the prompt table a fewstep text teacher trains on)."""
+    return [p for c in range(num_classes) for p in prompts_for_label(c)]
 
 
 def prompt_words() -> list[str]:
@@ -186,8 +208,6 @@ def build_text_pipeline(out: str | Path, vae_dir: str | Path, cfg: TextPipelineC
                         seed: int = 0) -> Path:
     """Write an untrained tiny ``StableDiffusionPipeline`` to ``out`` around the VAE in ``vae_dir``
     (a diffusers ``AutoencoderKL``/``AutoencoderTiny`` folder, safetensors); returns ``out``."""
-    from diffusers import StableDiffusionPipeline
-
     from fewstep.data.latents import load_vae
 
     cfg = cfg or TextPipelineConfig()
@@ -195,12 +215,22 @@ def build_text_pipeline(out: str | Path, vae_dir: str | Path, cfg: TextPipelineC
     vae = load_vae(vae_dir).module
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(out / "tokenizer", prompt_words(), cfg.max_length)
+    save_text_pipeline(out, vae, build_text_encoder(cfg, tokenizer), tokenizer,
+                       build_unet(cfg, vae.config.latent_channels, latent_size(vae)), build_scheduler(cfg))
+    return out
+
+
+def save_text_pipeline(out: str | Path, vae, text_encoder, tokenizer, unet, scheduler) -> Path:
+    """fewstep's pipeline parts as a ``StableDiffusionPipeline`` directory (safetensors; no safety
+    checker); the tokenizer's files are rewritten from fewstep's vocabulary."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=build_text_encoder(cfg, tokenizer), tokenizer=tokenizer,
-        unet=build_unet(cfg, vae.config.latent_channels, latent_size(vae)), scheduler=build_scheduler(cfg),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out / "tokenizer", prompt_words(), cfg.max_length)  # keep vocab.json/merges.txt too
+    write_tokenizer(out / "tokenizer", prompt_words(), tokenizer.model_max_length)  # vocab.json/merges.txt
     return out
 
 

@@ -28,6 +28,7 @@ from fewstep.models.io import load_teacher, save_model
 from fewstep.models.lora import ADAPTER_WEIGHTS, add_lora, is_lora, merged, save_adapters, trainable
 from fewstep.models.student import Student, default_sigmas
 from fewstep.models.taps import bottleneck_path, forward_with_taps
+from fewstep.models.text_cond import read_prompts
 from fewstep.train import checkpoint as ckpt
 from fewstep.train import dist
 from fewstep.train.control import BadStep, LogAccumulator
@@ -62,6 +63,8 @@ class Run:
     log_acc: LogAccumulator = field(default_factory=LogAccumulator)
     precision: Precision | None = None     # autocast of the network forwards (train.precision)
     scalers: dict = field(default_factory=dict)  # fp16: phase -> GradScaler (train/precision.py)
+    cond_classes: torch.Tensor | None = None  # teachers whose conditions index a table (text prompts):
+    #                                           the data class of each condition, -1 for none
 
     def terms(self, phases) -> list:
         return [t for m in self.methods for t in m.terms if t.phase in phases]
@@ -140,7 +143,7 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
               data: Dataset | None = None) -> Run:
     """Load the teacher and data (or take them in-memory, for tests) and build every network."""
     if teacher is None:
-        teacher, teacher_meta = load_teacher(cfg.teacher)
+        teacher, teacher_meta = load_teacher(cfg.teacher, read_prompts(cfg.prompts) if cfg.prompts else None)
     tmeta = teacher_meta or {}
     teacher = teacher.to(device).eval().requires_grad_(False)
     data_name = recorded_data(tmeta.get("data"), cfg.teacher, override=cfg.data.name)  # path + hash checked
@@ -155,7 +158,8 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
         raise FewstepError(f"data '{data_name}' has samples of shape {tuple(data.shape)} but the "
                            f"teacher makes {shape}; pass the teacher's data set")
     classes = int(getattr(teacher, "num_classes", 0))
-    if data.num_classes > classes > 0:
+    cond_classes = getattr(teacher, "cond_classes", None)  # conditions that are not the data's labels
+    if cond_classes is None and data.num_classes > classes > 0:
         raise FewstepError(f"data '{data_name}' has labels 0..{data.num_classes - 1} but the teacher "
                            f"knows {classes} classes; pass data whose labels are below {classes}")
     ctx = Context(sigma_data=float(getattr(teacher, "sigma_data", 0.5)), shape=shape,
@@ -167,7 +171,7 @@ def build_run(cfg: DistillRunConfig, device, teacher=None, teacher_meta: dict | 
     methods = [METHODS[cfg.method].make(getattr(cfg, cfg.method), ctx)]
     methods += [METHODS[name].make(getattr(cfg, name), ctx, w) for name, w in cfg.extras.items()]
     run = _assemble(cfg, data, teacher, methods, device, real=_exact_score(cfg, data, teacher, device))
-    run.ctx = ctx
+    run.ctx, run.cond_classes = ctx, None if cond_classes is None else cond_classes.cpu()
     return run
 
 
@@ -246,17 +250,52 @@ def _slice(t, lo, hi, device):
 def make_batch(run: Run, step: int, lo: int = 0, hi: int | None = None) -> Batch:
     B = run.cfg.train.batch
     rnd = StepRandom(run.cfg.train.seed, step, B, lo, hi, device=run.device)
-    real, labels = run.data.train_batch(B, rnd.generator("data"))
-    cond = labels if run.data.num_classes else None
+    no_real = ""
+    if run.cond_classes is None:
+        real, labels = run.data.train_batch(B, rnd.generator("data"))
+        cond = labels if run.data.num_classes else None
+    else:
+        cond, real, no_real = table_conditions(run, B, rnd)
     z = rnd.randn("z", *run.data.shape)
     real, cond = _slice(real, rnd.lo, rnd.hi, run.device), _slice(cond, rnd.lo, rnd.hi, run.device)
 
     def draw_real(labels_or_n, stream):
+        if run.cond_classes is not None and not isinstance(labels_or_n, int):
+            labels_or_n = data_classes(run, labels_or_n)
         return sample_real(run.data, labels_or_n, StepRandom(run.cfg.train.seed, step, 1)
                            .generator(stream)).to(run.device)
 
     return Batch(z=z, cond=cond, real=real, rnd=rnd, step=step, seed=run.cfg.train.seed,
-                 draw_real=draw_real, global_batch=B, all_mean=dist.all_mean)
+                 draw_real=draw_real, global_batch=B, all_mean=dist.all_mean, no_real=no_real)
+
+
+def table_conditions(run: Run, B: int, rnd: StepRandom) -> tuple:
+    """``(cond [B], real [B, ...] | None, why not)`` for a teacher whose conditions index a table (the
+    prompts of a text teacher): each condition is drawn uniformly, with replacement, from the step's
+    ``prompt`` stream (for the global batch: deterministic per step and process count), and each real
+    sample is an image of its condition's class, drawn from the ``data`` stream; when some condition
+    names no class there is no paired real batch (terms that need one say so)."""
+    cond = torch.randint(len(run.cond_classes), (B,), generator=rnd.generator("prompt"))
+    classes = run.cond_classes[cond]
+    if (classes < 0).any():
+        return cond, None, unpaired_reason(run, cond)
+    return cond, sample_real(run.data, classes, rnd.generator("data")), ""
+
+
+def unpaired_reason(run: Run, cond: torch.Tensor) -> str:
+    prompts = getattr(run.nets.student.G, "prompts", None) or []
+    bad = [prompts[i] for i in cond[run.cond_classes[cond] < 0].unique().tolist()][:2] if prompts else []
+    return (f"condition(s) {bad or cond.tolist()[:2]} name no class of the data, so there are no real "
+            "images to pair with them; use prompts from fewstep's digit templates (models.text.TEMPLATES)")
+
+
+def data_classes(run: Run, cond: torch.Tensor) -> torch.Tensor:
+    """The data classes of table conditions ``cond [n]`` (for real draws); refuses unpaired ones."""
+    classes = run.cond_classes[cond.cpu()]
+    if (classes < 0).any():
+        raise FewstepError(f"real images of each condition are asked for, but "
+                           f"{unpaired_reason(run, cond.cpu())}")
+    return classes
 
 
 def sample_real(data: Dataset, labels_or_n, g: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -212,15 +213,19 @@ def _write_cache(path, value: dict) -> None:
         pass
 
 
-def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors: bool = True) -> dict:
+def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors: bool = True,
+                  cond_classes: torch.Tensor | None = None) -> dict:
     """Metrics of generated samples ``x [n, *shape]`` against the reference real set (latent samples
-    are decoded first; their results carry the VAE floors too)."""
+    are decoded first; their results carry the VAE floors too). ``cond_classes`` (text models: the
+    data class each condition names, -1 none) adds the prompt adherence."""
     n = len(x)
     x = space.to_pixels(x)
     real, _ = space.reference(n)
     if len(real) < n:
         raise FewstepError(f"only {len(real)} real test samples; evaluate with --n {len(real)} or fewer")
     out = feature_metrics(space, space.features(real).double(), space.features(x).double(), labels)
+    if cond_classes is not None and labels is not None:
+        out.update(prompt_adherence(space, x, cond_classes.cpu()[labels.cpu()]))
     if space.data.mixture is not None:
         mix = space.data.mixture
         out.update(M.mode_metrics(x.double(), mix.means, mix.mode_stds, mix.weights))
@@ -236,8 +241,24 @@ def score_samples(space: MetricSpace, x: torch.Tensor, labels=None, with_floors:
     return out
 
 
+def prompt_adherence(space: MetricSpace, x: torch.Tensor, classes: torch.Tensor) -> dict:
+    """``prompt_adherence``: the feature network's accuracy on the class each sample's prompt names
+    (pixels ``x [n, ...]``; prompts that name no class are left out, ``prompt_classified`` is the
+    share kept). Only data with a feature-network classifier (digits8, mnist28) has it."""
+    from fewstep.metrics import features as F
+
+    known = classes >= 0
+    name = space.data.name
+    if name not in ("digits8", "mnist28") or not known.any():
+        return {}
+    pred = F.featnet_classes(name, x[known])
+    return {"prompt_adherence": (pred.cpu() == classes[known]).double().mean().item(),
+            "prompt_classified": known.double().mean().item()}
+
+
 def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fid=False,
-                   device="auto", repeats: int = 1, guidance: float = 1.0) -> dict:
+                   device="auto", repeats: int = 1, guidance: float = 1.0,
+                   prompts: list[str] | None = None) -> dict:
     """``fewstep eval``: sample a teacher/student, then score it with floors and throughput.
 
     With ``repeats > 1`` each metric is the mean over that many independent generated sets (seeds
@@ -247,7 +268,7 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
     from fewstep.train.generate import load_generator
 
     device = resolve_device(device)
-    gen = load_generator(path, device)
+    gen = load_generator(path, device, prompts)
     data_name = recorded_data(gen.meta.get("data"), path, override=data)  # path + hash checked
     if not data_name:
         raise FewstepError("this model does not record its data set; pass --data NAME|PATH")
@@ -264,7 +285,7 @@ def evaluate_model(path, n=None, nfe=None, sampler="heun", seed=0, data=None, fi
         x, y = gen.sample(n, seed=seed + r, nfe=nfe, sampler=sampler, device=device, guidance=guidance)
         sample_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        runs.append(score_samples(space, x, y))
+        runs.append(score_samples(space, x, y, cond_classes=gen.cond_classes))
         eval_s += time.perf_counter() - t0
         if r == 0:
             x_first = x
@@ -396,20 +417,30 @@ def in_training_evaluator(cfg):
         x, y = gen.sample(n, seed=cfg.train.seed + 10_000, device=device,
                           sampler=sample.sampler if sample else "heun")
         model.train(was_training)
-        return {k: v for k, v in score_samples(space, x, y).items()}
+        return {k: v for k, v in score_samples(space, x, y, cond_classes=gen.cond_classes).items()}
 
     return evaluate
+
+
+def _teacher_data_record(teacher: str) -> dict:
+    """The teacher's model.json ``data`` section; a text pipeline from elsewhere: its own VAE."""
+    from fewstep.models.io import is_text_pipeline, read_model_json
+
+    root = Path(teacher)
+    if (root / "model.json").is_file():
+        return read_model_json(teacher)[1].get("data", {})
+    return {"vae": {"path": str(root / "vae")}} if root.is_dir() and is_text_pipeline(root) else {}
 
 
 def _run_dataset(cfg, conditional: bool) -> Dataset:
     """The run's data set: ``data.name`` (through ``data.vae`` if set), or for distillation the
     teacher's recorded data (its VAE included)."""
     vae = getattr(cfg.data, "vae", "") or None
-    if cfg.data.name:
+    if cfg.data.name and (vae or not getattr(cfg, "teacher", "")):
         return load_dataset(cfg.data.name, conditional=conditional, vae=vae)
-    from fewstep.models.io import read_model_json
-
-    section = read_model_json(cfg.teacher)[1].get("data", {})
+    section = _teacher_data_record(cfg.teacher)
+    if cfg.data.name:  # another data name, the teacher's VAE (as build_run distils in its latent space)
+        return dataset_from_record(section, conditional, name=cfg.data.name)
     name = recorded_data(section, cfg.teacher)
     if not name:
         raise FewstepError("the teacher does not record its data set; pass data.name=NAME|PATH")
@@ -421,8 +452,8 @@ _ORDER = ["nfe", "n_samples", "fd", "fd_floor", "fd_vae_recon", "fid", "fid_floo
           "precision", "precision_floor", "recall", "recall_floor", "density", "density_floor",
           "coverage", "coverage_floor", "diversity", "modes_covered", "modes_covered_any",
           "modes_total", "hq_rate", "mode_mass_tv", "class_modes_covered", "class_modes_covered_min",
-          "class_modes_total", "class_mode_tv", "class_hit_rate", "guidance", "samples_per_sec",
-          "sample_s", "eval_s"]
+          "class_modes_total", "class_mode_tv", "class_hit_rate", "prompt_adherence", "guidance",
+          "samples_per_sec", "sample_s", "eval_s"]
 
 
 def format_table(metrics: dict) -> str:

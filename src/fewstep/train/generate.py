@@ -40,6 +40,12 @@ class Generator:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
     @property
+    def cond_classes(self) -> torch.Tensor | None:
+        """Text models: the data class each prompt index names (-1 none); None for label models."""
+        net = getattr(self.model, "G", self.model)
+        return getattr(net, "cond_classes", None)
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """Per-sample shape: recorded in model.json, or the adapter's (diffusers teachers)."""
         shape = self.meta.get("data", {}).get("shape") or getattr(self.model, "shape", None)
@@ -150,11 +156,18 @@ def teacher_sigmas(model, steps: int) -> torch.Tensor:
     return karras_sigmas(steps, sigma_min=lo, sigma_max=hi)
 
 
-def load_generator(path: str | Path, device="cpu") -> Generator:
-    """Load a run directory (teacher or student) or a diffusers directory for sampling."""
-    from fewstep.models.io import load_teacher
+def load_generator(path: str | Path, device="cpu", prompts: list[str] | None = None) -> Generator:
+    """Load a run directory (teacher or student) or a diffusers directory for sampling; ``prompts``
+    (``--prompts FILE``): the conditions of a text model (a student's are encoded by its teacher's text
+    encoder), sampled in turn."""
+    from fewstep.models.io import MODEL_JSON, load_teacher, read_model_json
 
-    model, meta = load_teacher(path)
+    student = (Path(path) / MODEL_JSON).is_file() and read_model_json(path)[1].get("role") == "student"
+    model, meta = load_teacher(path, None if student else prompts)
+    if student and prompts is not None:
+        from fewstep.models.text_cond import with_prompts
+
+        model = with_prompts(model, prompts, meta.get("teacher", ""))
     role = meta.get("role", "teacher")
     if role == "student":
         from fewstep.models.student import Student
@@ -178,7 +191,7 @@ def throughput(gen: Generator, nfe, sampler, device, batch: int = 256, repeats: 
 
 def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sampler: str = "heun",
                    seed: int = 0, device: str = "auto", data: str | None = None,
-                   guidance: float = 1.0) -> int:
+                   guidance: float = 1.0, prompts: list[str] | None = None) -> int:
     """``fewstep sample``: ``n`` samples of a teacher or student into ``out`` (a grid or 2-D scatter
     ``.png``, or ``.npz``), guided by ``guidance`` (teachers); ``data`` names the data set whose modes
     a scatter draws (default: the model's). Returns the network evaluations used."""
@@ -191,7 +204,7 @@ def sample_to_file(model: str, out: Path, n: int, nfe: int | None = None, sample
     if n <= 0:
         raise FewstepError(f"--n must be positive, got {n}")
     dev = resolve_device(device)
-    gen = load_generator(model, dev)
+    gen = load_generator(model, dev, prompts)
     if data:
         gen.meta = {**gen.meta, "data": {**gen.meta.get("data", {}), "name": data, "path": None}}
     x, y = gen.sample(n, seed=seed, nfe=nfe, sampler=sampler, device=dev, guidance=guidance)

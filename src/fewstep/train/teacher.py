@@ -8,6 +8,9 @@ Class-conditional teachers train with label dropout (Ho & Salimans 2022; specs/g
 label becomes the null label -1 (zero one-hot) with probability ``train.p_uncond``, drawn from the
 step's ``p_uncond`` stream, so the teacher has an unconditional branch for classifier-free guidance.
 Unconditional runs (and ``p_uncond = 0``) make no such draw.
+
+Text teachers (``data.text``, ``fewstep teacher --text``) train their pipeline's UNet with its own
+epsilon objective on template prompts of each label (``train/text_teacher.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fewstep.config import TeacherRunConfig, to_dict
+from fewstep.config import TeacherRunConfig, check_text_teacher, to_dict
 from fewstep.core.guidance import NULL_LABEL
 from fewstep.core.precond import P_MEAN, P_STD, edm_denoising_loss, flow_matching_loss
 from fewstep.data import Dataset, load_dataset
@@ -35,6 +38,7 @@ from fewstep.train.loop import lr_at, make_optimizer, run_training
 from fewstep.train.phases import clip_and_check
 from fewstep.train.precision import Precision, enable_checkpointing, make_scalers, step, unscale
 from fewstep.train.rng import StepRandom, derive_seed
+from fewstep.train.text_teacher import ddpm_eps_loss, template_conditions
 
 
 def describe_data(data: Dataset) -> dict:
@@ -101,6 +105,7 @@ class TeacherState:
     log_acc: LogAccumulator = field(default_factory=LogAccumulator)
     precision: Precision | None = None  # autocast of the network's forwards (train.precision)
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    pipeline: object | None = None      # text teachers: the pipeline's parts (train/text_teacher.py)
 
     def prepare(self, env, device) -> None:
         pass
@@ -137,6 +142,11 @@ class TeacherState:
         if self.data.num_classes:  # guidable when trained with label dropout (models.io reads this)
             p = self.cfg.train.p_uncond
             meta.update({"p_uncond": p, "null_label": NULL_LABEL if p > 0 else None})
+        if self.pipeline is not None:
+            from fewstep.train.text_teacher import export_text_pipeline
+
+            meta["text"] = {"objective": "ddpm_eps", "prompts": "templates"}
+            export_text_pipeline(out, self.pipeline, self.ema)  # before model.json: the run is done last
         save_model(out, self.ema, self.spec, meta)
 
     def state_dict(self) -> dict:
@@ -164,9 +174,13 @@ def _micro_loss(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, lo: i
     x, y = data.train_batch(cfg.train.batch, rnd.generator("data"))
     x = x[lo:hi].to(device)
     y = y[lo:hi].to(device) if (y is not None and data.num_classes) else None
+    if y is not None and cfg.data.text:
+        y = template_conditions(y, rnd)
     if y is not None and cfg.train.p_uncond > 0:
         y = drop_labels(y, rnd, cfg.train.p_uncond)
     D = state.model or state.net
+    if cfg.data.text:
+        return ddpm_eps_loss(D, x, y, rnd, state.net.net.sigma_table).mean()
     if cfg.model.objective == "flow":
         return flow_loss(D, x, y, rnd, cfg.model.flow_t).mean()
     return edm_loss(D, x, y, rnd, cfg.model.sigma_data).mean()
@@ -211,6 +225,9 @@ def _train_step(state: TeacherState, data: Dataset, cfg: TeacherRunConfig, devic
 
 def build_teacher_net(cfg: TeacherRunConfig, data: Dataset):
     """``(spec, network)`` with weights initialised from the run seed (the same on every rank)."""
+    if cfg.data.text:
+        spec, net, _ = build_text_net(cfg, data)
+        return spec, net
     spec = model_spec(cfg, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.train.seed, "teacher-init"))
@@ -224,15 +241,29 @@ def train_teacher(cfg: TeacherRunConfig, out: Path, evaluate=None, progress: boo
     Under torchrun every process calls this; rank 0 writes the files.
     """
     with dist.session(cfg.train.device, cfg.train.batch, cfg.train.micro_batch) as (env, device):
-        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional, vae=cfg.data.vae or None)
-        spec, net = build_teacher_net(cfg, data)
+        check_text_teacher(cfg)
+        data = load_dataset(cfg.data.name, conditional=cfg.data.conditional or cfg.data.text,
+                            vae=cfg.data.vae or None)
+        if cfg.data.text:
+            spec, net, pipeline = build_text_net(cfg, data)
+        else:
+            (spec, net), pipeline = build_teacher_net(cfg, data), None
         net = net.to(device)
         state = TeacherState(net, copy.deepcopy(net).requires_grad_(False),
                              make_optimizer(net.parameters(), cfg.optim),
-                             dist.shard(env, cfg.train.batch, cfg.train.micro_batch), cfg, data, spec, device)
+                             dist.shard(env, cfg.train.batch, cfg.train.micro_batch), cfg, data, spec, device,
+                             pipeline=pipeline)
         set_teacher_precision(state, cfg.train, device)
         return run_training(env, device, out, to_dict(cfg), "teacher", state, cfg.train, evaluate,
                             progress, desc="teacher", defaults=to_dict(TeacherRunConfig()))
+
+
+def build_text_net(cfg: TeacherRunConfig, data: Dataset):
+    """``(spec, PromptDenoiser, pipeline parts)`` of a text teacher, initialised from the run seed."""
+    from fewstep.train.text_teacher import build_text_teacher
+
+    net, parts = build_text_teacher(cfg, data, derive_seed(cfg.train.seed, "teacher-init"))
+    return net.spec, net, parts
 
 
 def set_teacher_precision(state: TeacherState, t, device) -> None:

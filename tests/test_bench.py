@@ -160,6 +160,8 @@ def test_latent_suite_covers_the_issue_matrix_on_both_teachers():
             arms = {(j.tags["method"], tuple(j.tags["extras"]), j.tags["steps"]) for j in students}
             want = {(m, ex, k) for m in LATENT_BASES for ex in ((), ("el",)) for k in (1, 4)}
             assert arms == want | {("dmd", ("dp",), 4)}, t.name
+            pix = [j for j in students if "el.space=pixels" in j.args]
+            assert [(j.tags["method"], j.tags["steps"]) for j in pix] == [("dmd", 1)]
             dp = next(j for j in students if "dp" in j.tags["extras"])
             form = "velocity" if t.tags["objective"] == "flow" else "x0"
             assert f"dp.target={form}" in dp.args

@@ -415,7 +415,8 @@ def _dp_form(objective: str) -> dict:
 LATENT_ARMS = (
     lambda o: [{"method": m} for m in LATENT_BASES],                              # 1 step
     lambda o: [{"method": "dmd", "steps": 4}, _dp_form(o)],                       # DP-DMD at 4
-    lambda o: [{"method": m, "extras": {"el": 1.0}} for m in LATENT_BASES],       # + el, 1 step
+    lambda o: [{"method": m, "extras": {"el": 1.0}} for m in LATENT_BASES]        # + el, 1 step, and
+    + [{"method": "dmd", "extras": {"el": 1.0}, "tag": "elpix", "overrides": ("el.space=pixels",)}],
     lambda o: [{"method": m, "steps": 4} for m in LATENT_BASES if m != "dmd"],    # 4 steps
     lambda o: [{"method": m, "extras": {"el": 1.0}, "steps": 4} for m in LATENT_BASES],
 )
@@ -424,7 +425,9 @@ LATENT_ARMS = (
 def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     """Flow vs EDM teachers of the same size in a VAE latent space (issue 17; specs/flow_and_latent.md):
     mnist28 through ``fewstep vae``; per teacher 1- and 4-step students of dmd, sid, fdistill and tfd,
-    each with and without el, and 4-step dmd+dp (the velocity form on the flow teacher, x0 on EDM);
+    each with and without el (and 1-step dmd+el with the random networks on decoded pixels,
+    ``el.space=pixels``, against the default latents), and 4-step dmd+dp (the velocity form on the
+    flow teacher, x0 on EDM);
     the teacher at 35 NFE Heun and at few NFE (flow Euler on the flow teacher, DPM-Solver++ on both).
     Metrics on decoded pixels with the data and VAE floors. Jobs are listed in ``LATENT_ARMS`` order
     (per seed: the 1-step bases, dmd vs dmd+dp at 4 steps, the el arms, the other 4-step arms), each
@@ -450,6 +453,28 @@ def latent_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
     return jobs
 
 
+TEXT_SCALES = (1.0, 3.0)
+
+
+def text_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
+    """Text-to-image distillation (issue 19, docs/text.md): the mnist28 VAE, a text teacher
+    (``fewstep teacher --text``, preset teacher_text) evaluated at w = 1 and 3 on its 60 training
+    prompts; per seed 4-step dmd and dmd+dp at each w (DP-DMD's Table in miniature: per-prompt
+    diversity at equal quality), and 4-step dmd+el, tfd and fdistill at w = 1. Students distil on the
+    teacher's own prompts (no --prompts). ``digits_seeds`` is ignored."""
+    vae = vae_job("mnist28")
+    args = ["teacher", "--data", "mnist28", "--text", "--vae", f"{{root}}/{vae.name}", "--out", "{out}"]
+    t = Job("teacher-mnist28-text", args, deps=[vae.name], kind="teacher",
+            tags={"data": "mnist28-text", "conditional": True, "role": "teacher"})
+    jobs = [vae, t] + [eval_job(t, guidance=w) for w in TEXT_SCALES]
+    specs = [{"method": "dmd", "extras": ex, "steps": 4, "seed": s, "guidance": w}
+             for s in seeds for w in TEXT_SCALES for ex in ({}, {"dp": 0.05})]
+    specs += [{"method": m, "extras": ex, "steps": 4, "seed": s}
+              for s in seeds for m, ex in (("dmd", {"el": 1.0}), ("tfd", {}), ("fdistill", {}))]
+    _students_with_evals(jobs, t, specs)
+    return jobs
+
+
 LORA_ARMS = (("full", ()), ("lora8", ("student.lora_rank=8",)),
              ("lora8-both", ("student.lora_rank=8", "fake.lora_rank=8")))
 
@@ -470,4 +495,5 @@ def lora_suite(seeds=(0, 1, 2), digits_seeds=None) -> list[Job]:
 SUITES = {"smoke": smoke, "demo": demo, "quick": quick, "full": full, "el": el_suite, "dp": dp_suite,
           "tfd": tfd_suite, "fdistill": fdistill_suite, "guidance": guidance_suite,
           "normalizer": normalizer_suite, "ema": ema_suite,
-          "latent": latent_suite, "lora": lora_suite}
+          "latent": latent_suite, "lora": lora_suite,
+          "text": text_suite}

@@ -236,3 +236,24 @@ def test_the_exported_student_is_a_stable_diffusion_pipeline_that_samples_it(stu
     capsys.readouterr()
     assert main(["export", str(student), "--format", "diffusers", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_prompt_file_edited_under_a_run_is_refused_on_resume(teacher, tmp_path, capsys):
+    """Resuming re-reads --prompts; a changed file must not silently pair the checkpoint's prompt table
+    with other prompts (one-line error, exit 2, the checkpoint kept)."""
+    file = _prompt_file(tmp_path / "p.txt", PROMPTS)
+    def args(iters):
+        return ["distill", "--teacher", str(teacher), "--prompts", str(file), "--method", "dmd", "--steps",
+                "2", "--batch", "8", "--iters", str(iters), "--out", str(tmp_path / "s"), "--no-progress",
+                "train.eval_n=16", "train.ckpt_every=1"]
+
+    assert main(args(2)) == 0
+    ckpts = sorted((tmp_path / "s" / "checkpoints").iterdir())
+    _prompt_file(file, [PROMPTS[1], PROMPTS[0], PROMPTS[2]])  # same prompts, other order
+    capsys.readouterr()
+    assert main(args(4)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prompt file edited" in err and len(err.splitlines()) == 1
+    assert sorted((tmp_path / "s" / "checkpoints").iterdir()) == ckpts
+    _prompt_file(file, PROMPTS)  # restored: the run resumes and finishes
+    assert main(args(4)) == 0

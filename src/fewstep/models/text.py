@@ -310,11 +310,18 @@ def _check_unet_config(config: dict, hidden: int, latent_channels: int, root: Pa
 
 
 def _from_pretrained(cls, path: Path, **kwargs):
+    from transformers.utils import logging as tlog
+
+    shown = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # transformers' per-load "Loading weights" bars: fewstep shows its own
     try:
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:  # transformers/diffusers raise many types for missing or corrupt files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load {path}: {msg}") from None
+    finally:
+        if shown:
+            tlog.enable_progress_bar()
 
 
 def _scheduler_table(root: Path) -> tuple[torch.Tensor, str, dict]:

@@ -38,7 +38,8 @@ class PromptDenoiser(nn.Module):
 
     null_label = -1  # the empty prompt: core.guidance.NULL_ATTR
 
-    def __init__(self, net: DiffusersDDPMDenoiser, embeds: torch.Tensor, prompts: list[str]):
+    def __init__(self, net: DiffusersDDPMDenoiser, embeds: torch.Tensor, prompts: list[str],
+                 encoded: bool = True):
         super().__init__()
         if embeds.ndim != 3 or len(embeds) != len(prompts) + 1:
             raise ModelError(f"prompt embeddings {list(embeds.shape)} do not match {len(prompts)} prompts "
@@ -48,8 +49,18 @@ class PromptDenoiser(nn.Module):
         self.register_buffer("cond_classes", torch.tensor([prompt_class(p) for p in prompts]),
                              persistent=False)
         self.num_classes = len(prompts)
+        # encoded from a prompt list (not zeros awaiting saved weights): a resumed run's checkpoint
+        # must then hold the same table, else the prompt file changed under the run
+        self.encoded = encoded
         self.sigma_min, self.sigma_max, self.sigma_data = net.sigma_min, net.sigma_max, net.sigma_data
         self.shape = getattr(net, "shape", None)
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        saved = state.get(prefix + "embeds")
+        if self.encoded and saved is not None and not torch.equal(saved.to(self.embeds), self.embeds):
+            raise ModelError("the saved prompt table differs from the prompts given now (was the prompt "
+                             "file edited after the run started?); restore the file or use a new --out")
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
     @property
     def boundary(self) -> bool:  # consistency students switch the adapter's boundary scalings
@@ -110,7 +121,7 @@ def build_text_denoiser(spec: dict) -> PromptDenoiser:
         embeds = torch.zeros(len(spec["prompts"]) + 1, *spec["embed_shape"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"cannot rebuild the text model from its spec ({e})") from None
-    return PromptDenoiser(net, embeds, spec["prompts"])
+    return PromptDenoiser(net, embeds, spec["prompts"], encoded=False)
 
 
 def prompt_denoiser(teacher, prompts: list[str]) -> PromptDenoiser:

@@ -53,6 +53,11 @@ def add_lora(net: nn.Module, rank: int, alpha: float, seed: int, what: str) -> n
     return net
 
 
+def adapted_layers(net: nn.Module) -> list[str]:
+    """Qualified names of ``net``'s layers that carry an adapter (peft's LoRA layers)."""
+    return [name for name, m in net.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+
+
 def is_lora(net: nn.Module) -> bool:
     return hasattr(net, "fewstep_lora")
 
@@ -103,5 +108,5 @@ def save_adapters(net: nn.Module, out) -> None:
 
     state = {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(net).items()}
     meta = {**{k: str(v) for k, v in net.fewstep_lora.items()},
-            "target_modules": json.dumps(lora_targets(merged(net)))}
+            "target_modules": json.dumps(adapted_layers(net))}
     save_file(state, str(out), metadata=meta)
